@@ -1,0 +1,57 @@
+"""Hydra config plumbing: where the config groups live, and early one-line checks of overrides."""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+from pathlib import Path
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from mmkit.errors import ConfigError
+from mmkit.registry import plugin_entry_points
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def plugin_config_dirs() -> list[Path]:
+    """``<plugin package>/conf`` of every installed plugin that ships one (found without importing it)."""
+    folders: list[Path] = []
+    for ep in plugin_entry_points():
+        package = ep.value.split(":")[0].split(".")[0]
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            continue  # reported when the plugin is loaded
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(location) / "conf").is_dir():
+                folders.append(Path(location) / "conf")
+    return folders
+
+
+def group_options(group: str) -> list[str]:
+    """Every option of a config group, from mmkit's conf/ and the plugins' conf folders."""
+    options: set[str] = set()
+    for root in [CONF_DIR, *plugin_config_dirs()]:
+        options.update(path.stem for path in (root / group).glob("*.yaml"))
+    return sorted(options)
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Fail with one line when ``group=choice`` names a config file that does not exist."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra reports syntax errors itself
+    groups = {path.name for path in CONF_DIR.iterdir() if path.is_dir()}
+    for override in parsed:
+        group = override.key_or_group
+        if group not in groups or override.is_delete() or override.package:
+            continue
+        choices = group_options(group)
+        for value in override.sweep_string_iterator() if override.is_sweep_override() else [override.get_value_element_as_str()]:
+            if value in choices or value == "null":
+                continue
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{group}={value}: no such {group} config; available: {', '.join(choices)}{hint}")

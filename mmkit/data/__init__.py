@@ -1,0 +1,1 @@
+"""Data: conversation templates, image processing, LLaVA JSON, WebDataset shards, streaming."""

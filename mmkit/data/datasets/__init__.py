@@ -1,0 +1,1 @@
+"""Dataset components: each resolves its config to a set of WebDataset shards."""

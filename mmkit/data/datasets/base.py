@@ -1,0 +1,94 @@
+"""The interface of dataset components and the shard sets they produce."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from mmkit.data.shards import MANIFEST, file_sha256
+from mmkit.errors import DataError
+from mmkit.registry import DATASETS
+
+
+def mmkit_home() -> Path:
+    """Where mmkit caches what it builds (zoo models, prepared data): ``$MMKIT_HOME``."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmkit"
+    return Path(os.environ.get("MMKIT_HOME", default))
+
+
+@dataclass(frozen=True)
+class ShardSet:
+    """Shard files ready to stream, with their sample count and content hashes."""
+
+    urls: tuple[str, ...]
+    num_samples: int
+    sha256: dict[str, str]
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> "ShardSet":
+        """Read ``manifest.json`` if present; otherwise count samples and hash the tars."""
+        folder = Path(folder)
+        manifest_path = folder / MANIFEST
+        if manifest_path.is_file():
+            manifest = json.loads(manifest_path.read_text())
+            shards = manifest["shards"]
+            missing = [s["file"] for s in shards if not (folder / s["file"]).is_file()]
+            if missing:
+                raise DataError(f"{folder}: manifest lists missing shards {missing[:3]}")
+            return cls(
+                urls=tuple(str(folder / s["file"]) for s in shards),
+                num_samples=sum(s["samples"] for s in shards),
+                sha256={s["file"]: s["sha256"] for s in shards},
+            )
+        tars = sorted(folder.glob("*.tar"))
+        if not tars:
+            raise DataError(f"{folder}: no .tar shards and no {MANIFEST}")
+        return cls(
+            urls=tuple(str(t) for t in tars),
+            num_samples=sum(_count_samples(t) for t in tars),
+            sha256={t.name: file_sha256(t) for t in tars},
+        )
+
+
+def _count_samples(tar_path: Path) -> int:
+    import tarfile
+
+    with tarfile.open(tar_path) as archive:
+        return len({member.name.split(".", 1)[0] for member in archive.getmembers() if member.isfile()})
+
+
+class DatasetSource:
+    """Config -> shards. Sources that build data cache it under ``$MMKIT_HOME/data``."""
+
+    def shard_set(self) -> ShardSet:
+        raise NotImplementedError
+
+
+def cache_folder(kind: str, identity: dict[str, Any]) -> Path:
+    """A folder named after a hash of everything that determines its contents."""
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return mmkit_home() / "data" / f"{kind}-{digest}"
+
+
+def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+    """Run ``build(tmp)`` into a temporary folder and rename it to ``folder``: a crash never
+    leaves a half-built cache behind, and a finished one is reused."""
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)
+    build(temporary)
+    try:
+        temporary.rename(folder)
+    except OSError:
+        # Another process finished the same folder first; its copy is identical.
+        shutil.rmtree(temporary, ignore_errors=True)
+    return folder
+
+
+DATASETS.set_base(DatasetSource)

@@ -1,0 +1,26 @@
+"""A LLaVA JSON file + image folder, converted once to cached shards."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder
+from mmkit.data.shards import convert_llava_json
+from mmkit.registry import DATASETS
+
+
+@DATASETS.register("llava_json")
+class LlavaJsonDataset(DatasetSource):
+    def __init__(self, json: str, image_folder: str | None = None, samples_per_shard: int = 1000) -> None:
+        self.json = Path(json)
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.samples_per_shard = samples_per_shard
+
+    def shard_set(self) -> ShardSet:
+        stat = self.json.stat() if self.json.exists() else None
+        folder = cache_folder(
+            "llava_json",
+            {"json": str(self.json.resolve()), "mtime": stat and stat.st_mtime_ns, "size": stat and stat.st_size,
+             "images": str(self.image_folder), "per_shard": self.samples_per_shard},
+        )
+        build_once(folder, lambda out: convert_llava_json(self.json, self.image_folder, out, self.samples_per_shard))
+        return ShardSet.from_folder(folder)

@@ -1,0 +1,127 @@
+"""Shared machinery of conversation templates: masks correct by construction.
+
+A template renders a conversation into *segments*, each either trained (the assistant's reply
+and its end marker) or not. Every segment is tokenized on its own and the ids are concatenated,
+so the labels never depend on re-finding text inside a rendered string (the original LLaVA
+code does that and silently zeroes a sample's labels when a tokenizer disagrees).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from mmkit.errors import DataError
+from mmkit.models.decoders.base import IMAGE_TOKEN
+from mmkit.registry import TEMPLATES
+
+IGNORE_INDEX = -100
+HUMAN, ASSISTANT = "human", "gpt"
+ROLE_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTANT}
+
+LLAVA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+
+
+class EndOfSequence:
+    """Stands for the tokenizer's eos id inside a segment list (never tokenized as text)."""
+
+
+EOS = EndOfSequence()
+
+
+@dataclass(frozen=True)
+class Segment:
+    content: str | EndOfSequence
+    trained: bool
+
+
+@dataclass
+class EncodedConversation:
+    input_ids: list[int]
+    labels: list[int]
+
+
+def normalise_turns(conversation: Sequence[dict]) -> list[tuple[str, str]]:
+    """LLaVA turns ``{"from", "value"}`` -> ``[(role, text)]``, checked to alternate from the human."""
+    turns: list[tuple[str, str]] = []
+    for index, turn in enumerate(conversation):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise DataError(f"turn {index} is not a {{'from', 'value'}} record")
+        role = ROLE_ALIASES.get(str(turn.get("from", "")).lower())
+        if role is None:
+            raise DataError(f"turn {index} has an unknown speaker {turn.get('from')!r}")
+        expected = HUMAN if index % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise DataError(f"turn {index} is from {role!r} but conversations alternate human, gpt, ...")
+        turns.append((role, turn["value"]))
+    if not turns:
+        raise DataError("the conversation is empty")
+    return turns
+
+
+class ConversationTemplate:
+    """Renders conversations into segments; subclasses define the format."""
+
+    #: text after which generation stops, when the end marker is not the eos token
+    stop_text: str | None = None
+
+    def segments(self, turns: list[tuple[str, str]]) -> list[Segment]:
+        raise NotImplementedError
+
+    def encode(
+        self,
+        conversation: Sequence[dict],
+        tokenizer: PreTrainedTokenizerBase,
+        num_image_tokens: int,
+        for_generation: bool = False,
+    ) -> EncodedConversation:
+        """Token ids and labels; with ``for_generation`` the conversation ends on a human turn
+        and the ids end with the assistant's header, ready for ``generate``."""
+        turns = normalise_turns(conversation)
+        ends_with_human = turns[-1][0] == HUMAN
+        if for_generation != ends_with_human:
+            raise DataError(
+                "a prompt for generation must end with a human turn"
+                if for_generation
+                else "the conversation has no assistant reply to train on after its last human turn"
+            )
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        input_ids: list[int] = []
+        labels: list[int] = []
+        if tokenizer.bos_token_id is not None:
+            input_ids.append(tokenizer.bos_token_id)
+            labels.append(IGNORE_INDEX)
+        for segment in self.segments(turns):
+            ids = self._segment_ids(segment.content, tokenizer, image_token_id, num_image_tokens)
+            input_ids += ids
+            if segment.trained:
+                labels += [IGNORE_INDEX if i == image_token_id else i for i in ids]
+            else:
+                labels += [IGNORE_INDEX] * len(ids)
+        return EncodedConversation(input_ids, labels)
+
+    @staticmethod
+    def _segment_ids(
+        content: str | EndOfSequence,
+        tokenizer: PreTrainedTokenizerBase,
+        image_token_id: int,
+        num_image_tokens: int,
+    ) -> list[int]:
+        if isinstance(content, EndOfSequence):
+            return [tokenizer.eos_token_id]
+        ids: list[int] = []
+        # <image> is expanded to the encoder+connector's token count here, so every sequence
+        # length is known before the model runs.
+        for index, piece in enumerate(content.split(IMAGE_TOKEN)):
+            if index:
+                ids += [image_token_id] * num_image_tokens
+            if piece:
+                ids += tokenizer.encode(piece, add_special_tokens=False)
+        return ids
+
+
+TEMPLATES.set_base(ConversationTemplate)

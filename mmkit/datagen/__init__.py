@@ -1,0 +1,1 @@
+"""Teachers: writers of instruction-following data from an image's symbolic view."""

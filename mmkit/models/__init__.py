@@ -1,0 +1,1 @@
+"""Model components: vision encoders, connectors, language decoders, and the VLM that joins them."""

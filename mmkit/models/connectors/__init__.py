@@ -1,0 +1,1 @@
+"""Connectors: encoder features [B,N,D] -> decoder embeddings [B,N',E]."""

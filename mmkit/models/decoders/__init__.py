@@ -1,0 +1,1 @@
+"""Language decoders: causal LMs with a tokenizer that knows the <image> token."""

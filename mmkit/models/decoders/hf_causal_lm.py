@@ -1,0 +1,82 @@
+"""Any transformers causal LM (``AutoModelForCausalLM``) with its tokenizer; optional LoRA."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from mmkit.errors import ConfigError
+from mmkit.models.decoders.base import IMAGE_TOKEN, LanguageDecoder
+from mmkit.models.hub import resolve_model_path
+from mmkit.registry import DECODERS
+
+
+def prepare_tokenizer(path: str, model_max_length: int | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer and give it the ``<image>`` and pad tokens LLaVA training needs."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        # LLaVA v1 pads with unk; a tokenizer without unk gets a dedicated pad token.
+        if tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    if tokenizer.eos_token is None:
+        raise ConfigError(f"decoder.path={path!r}: the tokenizer has no eos token to end replies with")
+    if model_max_length:
+        tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+@DECODERS.register("hf_causal_lm")
+class HFCausalLM(LanguageDecoder):
+    def __init__(
+        self,
+        path: str,
+        dtype: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        model_max_length: int = 2048,
+        gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tokenizer = prepare_tokenizer(path, model_max_length)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if dtype:
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise ConfigError(f"decoder.dtype={dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+            kwargs["dtype"] = getattr(torch, dtype)
+        if attn_implementation:
+            kwargs["attn_implementation"] = attn_implementation
+        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+        if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+            self.model.resize_token_embeddings(len(self.tokenizer))
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        if gradient_checkpointing:
+            # Reentrant checkpointing drops gradients when the inputs do not require grad
+            # (frozen embeddings in stage 1 and under LoRA); the non-reentrant kind does not.
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lora_enabled = bool(lora and lora.get("enabled"))
+        if self.lora_enabled:
+            self._apply_lora(lora)
+
+    def _apply_lora(self, lora: dict[str, Any]) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=int(lora.get("r", 8)),
+            lora_alpha=int(lora.get("alpha", 16)),
+            lora_dropout=float(lora.get("dropout", 0.05)),
+            target_modules=list(lora.get("target_modules") or ["q_proj", "k_proj", "v_proj", "o_proj"]),
+            task_type="CAUSAL_LM",
+        )
+        try:
+            self.model = get_peft_model(self.model, config)
+        except ValueError as exc:
+            raise ConfigError(f"decoder.lora.target_modules: {exc}") from None
+
+    def lora_parameter_names(self) -> set[str]:
+        return {f"model.{name}" for name, _ in self.model.named_parameters() if "lora_" in name}

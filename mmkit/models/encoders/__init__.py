@@ -1,0 +1,1 @@
+"""Vision encoders: images [B,3,H,W] -> features [B,N,D] from a chosen hidden layer."""

@@ -1,0 +1,59 @@
+"""Vision transformers from timm (``timm.create_model``), with the same layer/select semantics."""
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+
+from mmkit.errors import ConfigError
+from mmkit.models.encoders.base import ImageStats, VisionEncoder
+from mmkit.registry import ENCODERS
+
+
+@ENCODERS.register("timm_vit")
+class TimmViTEncoder(VisionEncoder):
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool = False,
+        checkpoint_file: str | None = None,
+        layer: int = -2,
+        select: str = "patch",
+        frozen: bool = True,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(layer, select, frozen)
+        kwargs = dict(model_kwargs or {})
+        if checkpoint_file:
+            # timm reads local weights through the pretrained-config overlay, no hub access.
+            kwargs["pretrained_cfg_overlay"] = {"file": checkpoint_file}
+            pretrained = True
+        try:
+            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+        except RuntimeError as exc:
+            if "Unknown model" in str(exc):
+                raise ConfigError(f"encoder.model_name={model_name!r}: {exc}") from None
+            raise
+        if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
+            raise ConfigError(f"encoder.model_name={model_name!r} is not a timm VisionTransformer")
+        self.num_blocks = len(self.model.blocks)
+        self.hidden_state_index = self._check_layer(self.num_blocks)
+        self.hidden_size = self.model.embed_dim
+        self.num_patches = self.model.patch_embed.num_patches
+        self.num_prefix_tokens = self.model.num_prefix_tokens
+        data_cfg = self.model.pretrained_cfg
+        input_size = data_cfg.get("input_size", (3, *self.model.patch_embed.img_size))
+        self.image_stats = ImageStats(
+            size=int(input_size[-1]), mean=tuple(data_cfg.get("mean", (0.5,) * 3)), std=tuple(data_cfg.get("std", (0.5,) * 3))
+        )
+        if frozen:
+            self.freeze()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        vit = self.model
+        hidden = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixel_values))))
+        # Blocks after the requested layer would be computed only to be thrown away.
+        for block in vit.blocks[: self.hidden_state_index]:
+            hidden = block(hidden)
+        return self._select(hidden)

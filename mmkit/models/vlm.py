@@ -1,0 +1,90 @@
+"""The vision-language model: encoder -> connector -> image embeddings placed in the decoder's input."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from mmkit.errors import DataError
+from mmkit.models.connectors.base import Connector
+from mmkit.models.decoders.base import LanguageDecoder
+from mmkit.models.encoders.base import VisionEncoder
+
+
+class VisionLanguageModel(nn.Module):
+    def __init__(self, encoder: VisionEncoder, connector: Connector, decoder: LanguageDecoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.connector = connector
+        self.decoder = decoder
+        self.num_image_tokens = connector.num_output_tokens(encoder.num_tokens)
+
+    @property
+    def tokenizer(self):
+        return self.decoder.tokenizer
+
+    @property
+    def image_token_id(self) -> int:
+        return self.decoder.image_token_id
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images ``[n,3,H,W]`` -> embeddings ``[n, num_image_tokens, E]`` in the decoder's space."""
+        if self.encoder.frozen:
+            with torch.no_grad():
+                image_features = self.encoder(pixel_values)
+        else:
+            image_features = self.encoder(pixel_values)
+        return self.connector(image_features)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Decoder input embeddings with image embeddings scattered into the ``<image>`` positions.
+
+        The ``<image>`` placeholders were expanded at tokenization time, so each image owns
+        ``num_image_tokens`` consecutive positions; images fill them in reading order.
+        """
+        inputs_embeds = self.decoder.embed_tokens(input_ids)
+        image_positions = input_ids == self.image_token_id
+        num_positions = int(image_positions.sum())
+        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if num_positions != num_images * self.num_image_tokens:
+            raise DataError(
+                f"the batch has {num_positions} image-token positions but {num_images} images x "
+                f"{self.num_image_tokens} tokens each; the data was tokenized for another encoder/connector"
+            )
+        if num_images == 0:
+            return inputs_embeds
+        image_embeds = self.encode_images(pixel_values).to(inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), image_embeds)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.decoder.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        max_new_tokens: int = 64,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids only (prompts left-padded); the decoder's KV cache is used."""
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        tokenizer = self.tokenizer
+        return self.decoder.model.generate(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            use_cache=True,
+            **generate_kwargs,
+        )

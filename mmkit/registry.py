@@ -1,0 +1,162 @@
+"""Registries of swappable components, and discovery of third-party plugins.
+
+Every kind of component (encoder, connector, decoder, template, dataset, evaluator, teacher)
+has one registry. A component registers under an exact name with a decorator; a config node
+selects it by that name (``name: ...``) and holds its keyword arguments.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, Callable, Generic, Mapping, TypeVar
+
+from mmkit.errors import ConfigError
+
+PLUGIN_GROUP = "mmkit.plugins"
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Names matching one pattern (e.g. ``mlp{N}x_gelu``) served by one factory."""
+
+    pattern: re.Pattern[str]
+    display: str
+    factory: Callable[..., Any]
+
+
+class Registry(Generic[T]):
+    """Named constructors of one kind of component, all subclasses of ``base``."""
+
+    def __init__(self, kind: str, base: type | None = None) -> None:
+        self.kind = kind
+        self._base = base
+        self._entries: dict[str, Callable[..., T]] = {}
+        self._families: list[_Family] = []
+
+    def set_base(self, base: type) -> None:
+        """Bind the base class once it is importable (bases live beside their components)."""
+        self._base = base
+
+    def _check(self, name: str, component: Any) -> None:
+        if name in self._entries or any(f.display == name for f in self._families):
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        base = self._base
+        if base is not None and isinstance(component, type) and not issubclass(component, base):
+            raise TypeError(
+                f"{self.kind} {name!r}: {component.__qualname__} is not a subclass of {base.__qualname__}"
+            )
+
+    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Decorator: ``@ENCODERS.register("hf_clip")`` on a class or factory function."""
+
+        def decorator(component: Callable[..., T]) -> Callable[..., T]:
+            self._check(name, component)
+            self._entries[name] = component
+            return component
+
+        return decorator
+
+    def register_family(self, pattern: str, display: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """Register a factory for every name that *fully* matches ``pattern``.
+
+        The factory receives the pattern's named groups as keyword arguments, e.g.
+        ``mlp(?P<depth>\\d+)x_gelu`` turns ``mlp3x_gelu`` into ``factory(depth="3", ...)``.
+        """
+
+        def decorator(factory: Callable[..., T]) -> Callable[..., T]:
+            self._check(display, factory)
+            self._families.append(_Family(re.compile(pattern), display, factory))
+            return factory
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries) + [f.display for f in self._families]
+
+    def __contains__(self, name: str) -> bool:
+        try:
+            self.get(name)
+        except ConfigError:
+            return False
+        return True
+
+    def get(self, name: str, key: str = "name") -> Callable[..., T]:
+        """The constructor registered as ``name``; ``key`` is the config key that named it."""
+        if name in self._entries:
+            return self._entries[name]
+        for family in self._families:
+            match = family.pattern.fullmatch(str(name))
+            if match:
+                return _bind_family(family.factory, match.groupdict())
+        raise ConfigError(self.unknown_message(name, key))
+
+    def unknown_message(self, name: Any, key: str) -> str:
+        choices = self.names()
+        close = difflib.get_close_matches(str(name), choices + sorted(self._family_examples()), n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{key}={name!r}: unknown {self.kind}; registered: {', '.join(choices) or '(none)'}{hint}"
+
+    def _family_examples(self) -> list[str]:
+        # A concrete instance of each family gives difflib something to match a typo against.
+        return [re.sub(r"\{(\w+)\}", "2", f.display) for f in self._families]
+
+    def build(self, node: Mapping[str, Any], key: str, **extra: Any) -> T:
+        """Build the component that ``node.name`` selects, passing the rest of ``node`` as kwargs."""
+        if "name" not in node:
+            raise ConfigError(f"{key}: missing 'name' (one of: {', '.join(self.names())})")
+        kwargs = {k: v for k, v in node.items() if k != "name"}
+        kwargs.update(extra)
+        constructor = self.get(node["name"], key=f"{key}.name")
+        return constructor(**kwargs)
+
+
+def _bind_family(factory: Callable[..., Any], groups: dict[str, str]) -> Callable[..., Any]:
+    def construct(**kwargs: Any) -> Any:
+        return factory(**groups, **kwargs)
+
+    return construct
+
+
+ENCODERS: Registry = Registry("encoder")
+CONNECTORS: Registry = Registry("connector")
+DECODERS: Registry = Registry("decoder")
+TEMPLATES: Registry = Registry("template")
+DATASETS: Registry = Registry("dataset")
+EVALUATORS: Registry = Registry("evaluator")
+TEACHERS: Registry = Registry("teacher")
+
+
+def plugin_entry_points() -> list[Any]:
+    return sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+
+
+_loaded = False
+
+
+def load_components() -> None:
+    """Import mmkit's own components, then every installed plugin (once per process).
+
+    A plugin that fails to import is reported by name and skipped, so one broken package
+    does not take down runs that do not use it.
+    """
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    import mmkit.components  # noqa: F401  (registers the built-in components)
+
+    for ep in plugin_entry_points():
+        try:
+            ep.load()
+        except Exception as exc:  # any failure inside third-party code must not stop mmkit
+            warnings.warn(
+                f"mmkit plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
+                f"{type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=2,
+            )

@@ -1,0 +1,1 @@
+"""The synthetic visual world: scenes of coloured shapes, their renderings, captions and LLaVA data."""

@@ -1,0 +1,95 @@
+"""Train a vision-language model with a recipe of stages.
+
+    python -m mmkit.train                                   # the embedded default, on CPU
+    python -m mmkit.train connector=linear encoder.layer=-1
+    python -m mmkit.train recipe=no_stage1                  # ablation: skip feature alignment
+    python -m mmkit.train -m connector=linear,mlp2x_gelu encoder.layer=-1,-2
+    python -m mmkit.train experiment=llava_v1_5 trainer=fsdp
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from mmkit.config import CONF_DIR, check_group_choices
+from mmkit.errors import ConfigError, MmkitError
+from mmkit.provenance import git_state, library_versions
+
+
+def _check_launch(cfg: DictConfig) -> None:
+    trainer = cfg.trainer
+    multi_process = trainer.get("num_nodes", 1) > 1 or trainer.get("devices", 1) not in (1, "1")
+    if HydraConfig.get().mode == RunMode.MULTIRUN and multi_process:
+        raise ConfigError(
+            "trainer.devices/num_nodes > 1 with a Hydra multirun (-m) in one process: Lightning re-launches "
+            "the script per rank and the sweep folders collide; sweep through a launcher "
+            "(hydra/launcher=submitit_slurm) or run each job with torchrun"
+        )
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run the configured recipe in Hydra's output folder and write ``summary.json`` there."""
+    from mmkit.training.recipe import run_recipe
+
+    _check_launch(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    started = time.perf_counter()
+    stages = run_recipe(cfg, run_dir)
+    summary = {
+        "stages": stages,
+        "wall_time_s": round(time.perf_counter() - started, 2),
+        "seed": cfg.seed,
+        "git": git_state(Path(__file__).resolve().parent),
+        "versions": library_versions(),
+        "overrides": list(HydraConfig.get().overrides.task),
+    }
+    if _is_global_zero():
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        _print_summary(run_dir, summary)
+    return summary
+
+
+def _is_global_zero() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    print(f"\nrun folder: {run_dir}")
+    print(f"{'stage':<10} {'steps':>6} {'samples':>8} {'final loss':>11} {'trainable':>12} {'skipped':>8} {'time s':>8}")
+    for name, stage in summary["stages"].items():
+        loss = f"{stage['final_loss']:.4f}" if stage["final_loss"] is not None else "-"
+        print(
+            f"{name:<10} {stage['steps']:>6} {stage['samples']:>8} {loss:>11} "
+            f"{stage['trainable_params']:>12,} {stage['skipped_samples']:>8} {stage['wall_time_s']:>8.1f}"
+        )
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except MmkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_group_choices([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Training: the LightningModule, recipes of stages, checkpoints of trainable weights."""

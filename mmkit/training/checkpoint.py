@@ -1,0 +1,49 @@
+"""Stage checkpoints: the parameters a stage trained, as safetensors, plus what made them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mmkit.errors import ConfigError
+
+WEIGHTS = "trainable.safetensors"
+
+
+def save_stage_weights(state: Mapping[str, torch.Tensor], names: set[str], folder: Path, meta: dict[str, Any]) -> Path:
+    """Write the tensors called ``names`` from ``state`` (a full model state dict) atomically."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: state[name].detach().to("cpu").contiguous() for name in sorted(names)}
+    path = folder / WEIGHTS
+    temporary = path.with_suffix(".partial")
+    save_file(tensors, str(temporary), metadata={"mmkit": json.dumps(meta)})
+    os.replace(temporary, path)
+    return path
+
+
+def load_stage_weights(model: nn.Module, path: Path, only_prefix: str | None = None) -> list[str]:
+    """Load a stage checkpoint into ``model`` (optionally only keys under ``only_prefix``).
+
+    Every key must exist in the model with the same shape: a checkpoint from another
+    architecture fails here instead of silently loading nothing.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    tensors = load_file(str(path))
+    if only_prefix is not None:
+        tensors = {k: v for k, v in tensors.items() if k.startswith(only_prefix)}
+    model_state = model.state_dict()
+    unknown = [k for k in tensors if k not in model_state]
+    mismatched = [k for k in tensors if k in model_state and model_state[k].shape != tensors[k].shape]
+    if unknown or mismatched:
+        raise ConfigError(
+            f"checkpoint {path} does not fit this model: unknown keys {unknown[:3]}, "
+            f"shape mismatches {mismatched[:3]} (was it trained with another encoder/connector/decoder?)"
+        )
+    model.load_state_dict(tensors, strict=False)
+    return sorted(tensors)

@@ -1,0 +1,164 @@
+"""Run a recipe: its stages in order, each a Lightning fit over its own data, each checkpointed."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig
+
+from mmkit.data.datamodule import ShardDataModule
+from mmkit.data.images import ImageProcessor
+from mmkit.data.samples import SampleEncoder
+from mmkit.errors import ConfigError
+from mmkit.models.build import as_dict, build_model, check_component_names
+from mmkit.models.vlm import VisionLanguageModel
+from mmkit.registry import DATASETS, TEMPLATES
+from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
+from mmkit.training.module import LitVLM
+from mmkit.training.stages import configure_trainable, count_parameters
+from mmkit.training.trainer import build_trainer
+
+PREVIOUS = "previous"
+
+
+def check_recipe(cfg: DictConfig) -> None:
+    """Every name in the recipe resolves, before anything heavy is built."""
+    check_component_names(cfg)
+    stages = cfg.recipe.stages
+    if not stages:
+        raise ConfigError("recipe.stages is empty: a recipe needs at least one stage")
+    for name, stage in stages.items():
+        key = f"recipe.stages.{name}"
+        TEMPLATES.get(stage.template.name, key=f"{key}.template.name")
+        DATASETS.get(stage.data.name, key=f"{key}.data.name")
+        if stage.global_batch_size % stage.micro_batch_size:
+            raise ConfigError(
+                f"{key}.global_batch_size={stage.global_batch_size} is not a multiple of "
+                f"{key}.micro_batch_size={stage.micro_batch_size}"
+            )
+
+
+def _accumulation(stage: DictConfig, key: str, world_size: int) -> int:
+    per_step = stage.micro_batch_size * world_size
+    if stage.global_batch_size % per_step:
+        raise ConfigError(
+            f"{key}.global_batch_size={stage.global_batch_size} is not divisible by "
+            f"{key}.micro_batch_size={stage.micro_batch_size} x {world_size} device(s)"
+        )
+    return stage.global_batch_size // per_step
+
+
+def _gather_counts(samples: int, skipped: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
+    """Totals over all ranks (each rank read different shards)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return samples, skipped
+    total = torch.tensor([samples], dtype=torch.long)
+    dist.all_reduce(total)
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, skipped)
+    return int(total.item()), [item for rank_items in gathered for item in rank_items]
+
+
+def _init_connector(model: VisionLanguageModel, source: str | None, previous: Path | None, key: str) -> str | None:
+    if source is None:
+        return None
+    path = previous if source == PREVIOUS else Path(source)
+    if path is None:
+        return None  # first stage of the recipe: the connector starts from its random init
+    if not path.is_file() or not any(k.startswith("connector.") for k in _checkpoint_keys(path)):
+        raise ConfigError(f"{key}.connector_from={source!r}: {path} is not a checkpoint with connector weights")
+    load_stage_weights(model, path, only_prefix="connector.")
+    return str(path)
+
+
+def _checkpoint_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return list(handle.keys())
+
+
+def run_stage(
+    cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None
+) -> tuple[dict[str, Any], Path]:
+    stage = cfg.recipe.stages[name]
+    key = f"recipe.stages.{name}"
+    stage_dir = run_dir / name
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    connector_from = _init_connector(model, stage.get("connector_from"), previous, key)
+    configure_trainable(model, list(stage.train), key=f"{key}.train")
+    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
+    trainable, total = count_parameters(model)
+
+    template = TEMPLATES.build(as_dict(stage.template), f"{key}.template")
+    source = DATASETS.build(as_dict(stage.data), f"{key}.data")
+    sample_encoder = SampleEncoder(
+        template,
+        model.tokenizer,
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        model.num_image_tokens,
+        cfg.data.max_length,
+    )
+    datamodule = ShardDataModule(
+        source,
+        sample_encoder,
+        batch_size=stage.micro_batch_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed,
+    )
+    trainer = build_trainer(
+        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, accumulate=1
+    )
+    trainer.accumulate_grad_batches = _accumulation(stage, key, trainer.world_size)
+    sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
+    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log)
+
+    started = time.perf_counter()
+    trainer.fit(lit, datamodule=datamodule)
+    wall_time = time.perf_counter() - started
+
+    samples, skipped = _gather_counts(lit.samples_seen, lit.skipped)
+    # The strategy assembles a full state dict even when FSDP shards the parameters.
+    state = trainer.strategy.lightning_module_state_dict()
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    checkpoint = stage_dir / WEIGHTS
+    summary = {
+        "steps": trainer.global_step,
+        "samples": samples,
+        "final_loss": sum(lit.recent_losses) / len(lit.recent_losses) if lit.recent_losses else None,
+        "final_loss_window": len(lit.recent_losses),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trained": list(stage.train),
+        "connector_from": connector_from,
+        "skipped_samples": len(skipped),
+        "wall_time_s": round(wall_time, 2),
+        "global_batch_size": stage.global_batch_size,
+        "world_size": trainer.world_size,
+        "shards_sha256": datamodule.shards.sha256 if datamodule.shards else {},
+        "checkpoint": str(checkpoint.relative_to(run_dir)),
+    }
+    if trainer.is_global_zero:
+        save_stage_weights(state, trainable_names, stage_dir, meta={"stage": name, "trained": list(stage.train)})
+        with open(stage_dir / "skipped.jsonl", "w") as handle:
+            handle.writelines(json.dumps({"key": k, "reason": r}) + "\n" for k, r in skipped)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # the next stage reads this checkpoint on every rank
+    return summary, checkpoint
+
+
+def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    check_recipe(cfg)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    model = build_model(cfg)
+    stages: dict[str, Any] = {}
+    previous: Path | None = None
+    for name in cfg.recipe.stages:
+        stages[name], previous = run_stage(cfg, name, model, run_dir, previous)
+    return stages

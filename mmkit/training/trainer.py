@@ -1,0 +1,58 @@
+"""Build a Lightning Trainer from the ``trainer`` config group (cpu, gpu, ddp, fsdp presets)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from mmkit.errors import ConfigError
+
+
+def _module_classes(model: nn.Module, names: list[str], key: str) -> set[type]:
+    """Resolve layer class names (e.g. LlamaDecoderLayer) against the model actually built."""
+    found = {type(module).__name__: type(module) for module in model.modules()}
+    missing = [name for name in names if name not in found]
+    if missing:
+        raise ConfigError(f"{key}: {missing} are not layers of this model (it has e.g. {sorted(found)[:8]})")
+    return {found[name] for name in names}
+
+
+def build_strategy(strategy: Any, model: nn.Module) -> Any:
+    """A strategy name passes through; a mapping with ``name: fsdp`` becomes an FSDPStrategy."""
+    if not isinstance(strategy, dict):
+        return strategy
+    options = dict(strategy)
+    name = options.pop("name", None)
+    if name != "fsdp":
+        raise ConfigError(f"trainer.strategy.name={name!r}: only 'fsdp' takes options; use a plain name otherwise")
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    wrap = options.pop("auto_wrap", [])
+    checkpointed = options.pop("activation_checkpointing", [])
+    return FSDPStrategy(
+        auto_wrap_policy=_module_classes(model, list(wrap), "trainer.strategy.auto_wrap") or None,
+        activation_checkpointing_policy=_module_classes(model, list(checkpointed), "trainer.strategy.activation_checkpointing")
+        or None,
+        **options,
+    )
+
+
+def build_trainer(
+    trainer_cfg: dict[str, Any], model: nn.Module, stage_dir: Path, max_epochs: int, max_steps: int, accumulate: int
+) -> L.Trainer:
+    options = dict(trainer_cfg)
+    options["strategy"] = build_strategy(options.get("strategy", "auto"), model)
+    return L.Trainer(
+        **options,
+        max_epochs=max_epochs,
+        max_steps=max_steps,
+        accumulate_grad_batches=accumulate,
+        default_root_dir=str(stage_dir),
+        logger=CSVLogger(str(stage_dir), name="", version=""),
+        # Stage weights are written by the recipe as safetensors (trainable parameters only).
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )

@@ -1,0 +1,122 @@
+"""Stages train exactly what they name; checkpoints hold exactly that and reload into the next stage."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from conftest import TINY_RUN, compose
+from mmkit.data.shards import convert_llava_json
+from mmkit.models.build import build_model
+from mmkit.training.recipe import _init_connector, run_stage
+
+STEPS = ["recipe.stages.pretrain.max_steps=3", "recipe.stages.finetune.max_steps=3"]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    after = model.state_dict()
+    return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory):
+    """A stage-1 run on a fresh model: (cfg, model, weights before, summary, checkpoint)."""
+    cfg = compose(TINY_RUN + STEPS)
+    model = build_model(cfg)
+    before = snapshot(model)
+    summary, checkpoint = run_stage(cfg, "pretrain", model, tmp_path_factory.mktemp("run"), previous=None)
+    return cfg, model, before, summary, checkpoint
+
+
+def test_stage1_changes_only_connector_weights(stage1):
+    _, model, before, summary, _ = stage1
+    changed_names = changed(before, model)
+    connector_names = {n for n in before if n.startswith("connector.")}
+    assert changed_names == connector_names  # every connector tensor moved; every other one is bit-equal
+    assert summary["steps"] == 3 and summary["samples"] == 48
+    assert summary["trainable_params"] == sum(p.numel() for p in model.connector.parameters())
+
+
+def test_stage1_checkpoint_holds_only_the_connector(stage1):
+    _, model, _, _, checkpoint = stage1
+    tensors = load_file(str(checkpoint))
+    assert set(tensors) == {n for n, _ in model.connector.named_parameters(prefix="connector")}
+    for name, tensor in tensors.items():
+        assert torch.equal(tensor, model.state_dict()[name])
+
+
+def test_stage1_checkpoint_reloads_into_stage2(stage1, tmp_path):
+    cfg, trained, _, _, checkpoint = stage1
+    fresh = build_model(cfg)
+    assert not torch.equal(fresh.connector.layers[0].weight, trained.connector.layers[0].weight)
+    assert _init_connector(fresh, "previous", checkpoint, "recipe.stages.finetune") == str(checkpoint)
+    for name, tensor in trained.connector.state_dict().items():
+        assert torch.equal(fresh.connector.state_dict()[name], tensor)
+
+    before = snapshot(fresh)
+    summary, stage2_checkpoint = run_stage(cfg, "finetune", fresh, tmp_path, previous=checkpoint)
+    assert summary["connector_from"] == str(checkpoint)
+    moved = changed(before, fresh)
+    assert not any(name.startswith("encoder.") for name in moved)
+    assert any(name.startswith("connector.") for name in moved)
+    assert any(name.startswith("decoder.") for name in moved)
+    keys = set(load_file(str(stage2_checkpoint)))
+    assert not any(k.startswith("encoder.") for k in keys)
+    assert {k for k in keys if k.startswith("decoder.")} == {n for n, _ in fresh.decoder.named_parameters(prefix="decoder")}
+
+
+def test_lora_finetune_trains_adapters_and_connector_only(tmp_path):
+    cfg = compose(TINY_RUN + STEPS + ["decoder.lora.enabled=true", "decoder.lora.r=4"])
+    model = build_model(cfg)
+    before = snapshot(model)
+    summary, checkpoint = run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    moved = changed(before, model)
+    assert moved and all(n.startswith("connector.") or "lora_" in n for n in moved)
+    assert any("lora_B" in n for n in moved)
+    keys = set(load_file(str(checkpoint)))
+    assert keys and all(k.startswith("connector.") or "lora_" in k for k in keys)
+    assert summary["trainable_params"] < summary["total_params"] / 4
+
+
+def _write_llava_folder(folder: Path, good: int) -> Path:
+    images = folder / "images"
+    images.mkdir(parents=True)
+    records = []
+    for index in range(good):
+        Image.new("RGB", (40, 30), (index * 20, 100, 50)).save(images / f"img{index}.png")
+        records.append({"id": f"good{index}", "image": f"img{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour dominates?"}, {"from": "gpt", "value": "Green."}]})
+    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    records.append({"id": "corrupt_image", "image": "broken.png", "conversations": records[0]["conversations"]})
+    records.append({"id": "no_answer", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]})
+    records.append({"id": "two_placeholders", "image": "img1.png", "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nHi"}, {"from": "gpt", "value": "Hello."}]})
+    path = folder / "data.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_bad_samples_are_skipped_counted_and_logged(tmp_path):
+    json_path = _write_llava_folder(tmp_path / "raw", good=13)
+    convert_llava_json(json_path, tmp_path / "raw" / "images", tmp_path / "shards", samples_per_shard=8, progress=False)
+    cfg = compose(TINY_RUN + ["~data.finetune", f"+data.finetune={{name: shards, path: {tmp_path / 'shards'}}}",
+                              "recipe.stages.finetune.micro_batch_size=4", "recipe.stages.finetune.global_batch_size=4",
+                              "data.shuffle_buffer=0"])
+    model = build_model(cfg)
+    summary, _ = run_stage(cfg, "finetune", model, tmp_path / "run", previous=None)
+    assert summary["skipped_samples"] == 3
+    assert summary["samples"] == 13  # 16 stored = 4 batches of 4; every good sample trained once
+    logged = [json.loads(line) for line in (tmp_path / "run" / "finetune" / "skipped.jsonl").read_text().splitlines()]
+    reasons = {entry["key"]: entry["reason"] for entry in logged}
+    assert set(reasons) == {"corrupt_image", "no_answer", "two_placeholders"}
+    assert "undecodable image" in reasons["corrupt_image"]
+    assert "no assistant reply" in reasons["no_answer"]
+    assert "2 <image> placeholders for 1 image" in reasons["two_placeholders"]

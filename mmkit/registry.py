@@ -7,6 +7,7 @@ selects it by that name (``name: ...``) and holds its keyword arguments.
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -112,13 +113,31 @@ class Registry(Generic[T]):
         kwargs = {k: v for k, v in node.items() if k != "name"}
         kwargs.update(extra)
         constructor = self.get(node["name"], key=f"{key}.name")
+        _check_arguments(constructor, kwargs, key, node["name"])
         return constructor(**kwargs)
+
+
+def _check_arguments(constructor: Callable[..., Any], kwargs: dict[str, Any], key: str, name: str) -> None:
+    """A config key the component does not take is a typo: name it instead of a TypeError deep inside."""
+    try:
+        signature = inspect.signature(constructor)
+    except (TypeError, ValueError):
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return
+    accepted = [p for p in signature.parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{key}: {name!r} takes no option(s) {', '.join(unknown)}; it takes: {', '.join(accepted)}")
 
 
 def _bind_family(factory: Callable[..., Any], groups: dict[str, str]) -> Callable[..., Any]:
     def construct(**kwargs: Any) -> Any:
         return factory(**groups, **kwargs)
 
+    # The signature users configure is the factory's, minus what the name itself supplies.
+    parameters = [p for name, p in inspect.signature(factory).parameters.items() if name not in groups]
+    construct.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
     return construct
 
 

@@ -76,8 +76,9 @@ def test_bad_samples_are_reported_and_fail_the_check(tmp_path: Path) -> None:
     assert _row(out, "skipped by SampleEncoder") == "2"
     assert _row(out, "wrong image-token count") == "1"  # 128 image tokens for one image of 64
     assert "wrong image-token count (128, expected 64)" in out
-    assert "two_placeholders: 2 <image> placeholders for 1 image(s)" in out
-    assert re.search(r"no_reply: the conversation has no assistant reply", out)
+    # Reasons are grouped by shape (numbers as N), each with an example sample.
+    assert "skip reason x1: N <image> placeholders for N image(s)  (e.g. two_placeholders: 2 <image> placeholders for 1 image(s))" in out
+    assert re.search(r"skip reason x1: the conversation has no assistant reply .*\(e\.g\. no_reply\)", out)
     assert "problem samples: no_reply, two_placeholders" in out
     assert out.rstrip().endswith("FAIL: 2 problems in 3 samples")
 

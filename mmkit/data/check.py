@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import re
 import sys
 from collections import Counter
@@ -21,7 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from omegaconf import DictConfig
 
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.errors import ConfigError, DataError, MmkitError
 
 IGNORE_INDEX = -100  # same value as mmkit.data.templates.base; repeated so --help stays light
 GREEN_BOLD, RESET = "\033[1;32m", "\033[0m"
@@ -31,11 +32,9 @@ GREEN_BOLD, RESET = "\033[1;32m", "\033[0m"
 class CheckContext:
     """Everything built from the config that inspecting a sample needs."""
 
-    stage: str
     sample_encoder: Any  # mmkit.data.samples.SampleEncoder (imported lazily: torch is slow to load)
     image_token_id: int
     urls: tuple[str, ...]
-    num_samples: int
     description: str
 
 
@@ -48,11 +47,20 @@ class SampleCheck:
     labels: list[int] | None
     num_images: int
     skip_reason: str | None  # from the real SampleEncoder.__call__
-    problems: list[str] = field(default_factory=list)
+    empty_labels: bool = False
+    image_token_error: str | None = None
+
+    @property
+    def problems(self) -> list[str]:
+        found = ["empty labels"] if self.empty_labels else []
+        found += [self.image_token_error] if self.image_token_error else []
+        return found + ([f"skipped: {self.skip_reason}"] if self.skip_reason else [])
 
 
 @dataclass
 class Tally:
+    """Counts over every checked sample, for the summary and the exit status."""
+
     samples: int = 0
     encoded: int = 0
     empty_labels: int = 0
@@ -71,14 +79,26 @@ class Tally:
 # --- config -------------------------------------------------------------------------------
 
 
+def _count(minimum: int):
+    """An argparse type: an integer >= ``minimum``."""
+
+    def integer(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}")
+        return value
+
+    return integer
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m mmkit.data.check", description=__doc__.split("\n\n")[0],
         epilog="Any other argument is a Hydra override, as for python -m mmkit.train.",
     )
     parser.add_argument("--stage", default=None, help="recipe stage to check (default: the last one)")
-    parser.add_argument("--samples", type=int, default=3, help="how many samples to render (default 3)")
-    parser.add_argument("--limit", type=int, default=None, help="check at most this many samples (default all)")
+    parser.add_argument("--samples", type=_count(0), default=3, help="how many samples to render (default 3)")
+    parser.add_argument("--limit", type=_count(1), default=None, help="check at most this many samples (default all)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. template=llava_v0")
     # Intermixed, so options may come after overrides as well as before them.
     return parser.parse_intermixed_args(argv)
@@ -151,10 +171,7 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
         f"({shards.num_samples} samples in {len(shards.urls)} shards), "
         f"{sample_encoder.num_image_tokens} image tokens, max_length {cfg.data.max_length}"
     )
-    return CheckContext(
-        stage_name, sample_encoder, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), shards.urls,
-        shards.num_samples, description,
-    )
+    return CheckContext(sample_encoder, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), shards.urls, description)
 
 
 # --- reading and checking -----------------------------------------------------------------
@@ -171,10 +188,6 @@ def read_samples(urls: Sequence[str], limit: int | None) -> Iterator[dict[str, A
 def encode_for_inspection(sample: dict[str, Any], context: CheckContext) -> tuple[list[int], list[int]] | None:
     """Ids and labels from the stage's template, even for samples SampleEncoder would then skip
     (too long, no trained tokens), so those can be shown and counted too."""
-    import json
-
-    from mmkit.errors import DataError
-
     encoder = context.sample_encoder
     try:
         record = json.loads(sample["json"])
@@ -185,7 +198,8 @@ def encode_for_inspection(sample: dict[str, Any], context: CheckContext) -> tupl
 
 
 def check_sample(sample: dict[str, Any], context: CheckContext) -> SampleCheck:
-    from mmkit.data.samples import IMAGE_EXTENSIONS, SkippedSample
+    from mmkit.data.llava_json import IMAGE_EXTENSIONS
+    from mmkit.data.samples import SkippedSample
 
     result = context.sample_encoder(sample)  # the real thing: its skip reasons are what training records
     encoded = encode_for_inspection(sample, context)
@@ -193,18 +207,17 @@ def check_sample(sample: dict[str, Any], context: CheckContext) -> SampleCheck:
         key=str(sample.get("__key__", "?")),
         input_ids=encoded[0] if encoded else None,
         labels=encoded[1] if encoded else None,
-        num_images=sum(ext in sample for ext in IMAGE_EXTENSIONS),
+        # SampleEncoder uses the first image member only, so a sample has at most one image.
+        num_images=int(any(ext in sample for ext in IMAGE_EXTENSIONS)),
         skip_reason=result.reason if isinstance(result, SkippedSample) else None,
     )
-    if check.labels is not None and all(label == IGNORE_INDEX for label in check.labels):
-        check.problems.append("empty labels")
+    if check.labels is not None:
+        check.empty_labels = all(label == IGNORE_INDEX for label in check.labels)
     if check.input_ids is not None:
         found = check.input_ids.count(context.image_token_id)
         expected = check.num_images * context.sample_encoder.num_image_tokens
         if found != expected:
-            check.problems.append(f"wrong image-token count ({found}, expected {expected})")
-    if check.skip_reason is not None:
-        check.problems.append(f"skipped: {check.skip_reason}")
+            check.image_token_error = f"wrong image-token count ({found}, expected {expected})"
     return check
 
 
@@ -216,11 +229,10 @@ def add_to_tally(tally: Tally, check: SampleCheck) -> None:
         # Numbers vary per sample ("612 tokens exceed..."); grouping needs the reason's shape.
         reason = re.sub(r"\d+", "N", check.skip_reason)
         tally.skip_reasons[reason] += 1
-        tally.skip_examples.setdefault(reason, f"{check.key}: {check.skip_reason}")
-    if any(p == "empty labels" for p in check.problems):
-        tally.empty_labels += 1
-    if any(p.startswith("wrong image-token count") for p in check.problems):
-        tally.wrong_image_tokens += 1
+        example = check.key if reason == check.skip_reason else f"{check.key}: {check.skip_reason}"
+        tally.skip_examples.setdefault(reason, example)
+    tally.empty_labels += check.empty_labels
+    tally.wrong_image_tokens += check.image_token_error is not None
     if check.problems:
         tally.problem_keys.append(check.key)
     if check.input_ids is not None and check.labels is not None:
@@ -286,7 +298,10 @@ def summary_lines(tally: Tally, context: CheckContext) -> list[str]:
     if problems:
         shown = ", ".join(tally.problem_keys[:8]) + (" ..." if problems > 8 else "")
         lines.append(f"  problem samples: {shown}")
-    lines.append(f"{'FAIL' if problems else 'OK'}: {problems} problems in {tally.samples} samples")
+    if not tally.samples:
+        lines.append("FAIL: no samples to check (the shards are empty)")
+    else:
+        lines.append(f"{'FAIL' if problems else 'OK'}: {problems} problems in {tally.samples} samples")
     return lines
 
 
@@ -311,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MmkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    return 1 if tally.problem_keys else 0
+    return 1 if tally.problem_keys or not tally.samples else 0
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from typing import Any
 
 from mmkit.errors import DataError
 
+# Image members a shard sample may carry, by file extension.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
+
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)

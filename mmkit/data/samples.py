@@ -9,11 +9,11 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmkit.data.images import ImageProcessor, decode_image
+from mmkit.data.llava_json import IMAGE_EXTENSIONS
 from mmkit.data.templates.base import IGNORE_INDEX, ConversationTemplate
 from mmkit.errors import DataError
 from mmkit.models.decoders.base import IMAGE_TOKEN
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
 
 @dataclass

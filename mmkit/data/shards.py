@@ -22,8 +22,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mmkit.data.llava_json import load_records, record_problem
-from mmkit.data.samples import IMAGE_EXTENSIONS
+from mmkit.data.llava_json import IMAGE_EXTENSIONS, load_records, record_problem
 from mmkit.errors import MmkitError
 
 MANIFEST = "manifest.json"

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from mmkit.models.encoders.base import ImageStats, VisionEncoder
 from mmkit.models.hub import resolve_model_path
@@ -21,9 +21,10 @@ class HFCLIPEncoder(VisionEncoder):
     ) -> None:
         super().__init__(layer, select, frozen)
         local = resolve_model_path(path)
-        self.model = CLIPVisionModel.from_pretrained(local, dtype=getattr(torch, dtype) if dtype else None)
-        config = self.model.config
+        # Check the layer against the config before reading gigabytes of weights.
+        config = CLIPVisionConfig.from_pretrained(local)
         self.hidden_state_index = self._check_layer(config.num_hidden_layers)
+        self.model = CLIPVisionModel.from_pretrained(local, dtype=getattr(torch, dtype) if dtype else None)
         self.hidden_size = config.hidden_size
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.num_prefix_tokens = 1

@@ -1,6 +1,8 @@
 """Streaming training data over WebDataset shards, split by rank and by dataloader worker."""
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import webdataset as wds
 
@@ -67,5 +69,8 @@ class ShardDataModule(L.LightningDataModule):
         collator = Collator(self.sample_encoder.tokenizer.pad_token_id)
         dataset = dataset.map(self.sample_encoder).batched(self.batch_size, collation_fn=collator, partial=True)
         batches = self.batches_per_epoch(world_size)
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers)
-        return loader.with_epoch(batches).with_length(batches)
+        loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers).with_epoch(batches)
+        with warnings.catch_warnings():
+            # with_length only gives the progress bar its total; with_epoch fixes the epoch's size.
+            warnings.simplefilter("ignore", UserWarning)
+            return loader.with_length(batches)

@@ -1,0 +1,80 @@
+"""Streaming from shards: worker splitting, shuffling, padding, and the shard-count guard."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from mmkit.data.datamodule import ShardDataModule
+from mmkit.data.datasets.shards import ShardFolder
+from mmkit.data.images import ImageProcessor
+from mmkit.data.samples import SampleEncoder
+from mmkit.data.shards import convert_llava_json
+from mmkit.data.templates.base import IGNORE_INDEX
+from mmkit.errors import DataError
+from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+from mmkit.models.encoders.base import ImageStats
+from mmkit.registry import TEMPLATES, load_components
+
+load_components()
+
+
+@pytest.fixture(scope="module")
+def shard_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    (root / "images").mkdir()
+    records = []
+    for index in range(24):
+        Image.new("RGB", (16, 16), (index * 10, 0, 0)).save(root / "images" / f"{index}.png")
+        answer = "Yes." if index % 2 else "It is a fairly long answer about the picture."
+        records.append({"id": f"s{index:02d}", "image": f"{index}.png", "conversations": [
+            {"from": "human", "value": "<image>\nIs it red?"}, {"from": "gpt", "value": answer}]})
+    (root / "data.json").write_text(json.dumps(records))
+    convert_llava_json(root / "data.json", root / "images", root / "shards", samples_per_shard=6, progress=False)
+    return root / "shards"
+
+
+def datamodule(shard_folder, num_workers: int, shuffle_buffer: int = 100, seed: int = 0) -> ShardDataModule:
+    tokenizer = prepare_tokenizer("zoo://tiny-llama")
+    encoder = SampleEncoder(
+        TEMPLATES.get("vicuna_v1")(), tokenizer, ImageProcessor(ImageStats(16, (0.5,) * 3, (0.5,) * 3)), 4, 512
+    )
+    module = ShardDataModule(ShardFolder(str(shard_folder)), encoder, batch_size=4, num_workers=num_workers,
+                             shuffle_buffer=shuffle_buffer, seed=seed)
+    module.setup()
+    return module
+
+
+def epoch_keys(module: ShardDataModule) -> list[str]:
+    return [key for batch in module.train_dataloader() for key in batch["keys"]]
+
+
+def test_two_workers_read_disjoint_shards_and_cover_the_epoch(shard_folder):
+    keys = epoch_keys(datamodule(shard_folder, num_workers=2))
+    assert len(keys) == 24 and len(set(keys)) == 24
+
+
+def test_shuffling_is_seeded(shard_folder):
+    first = epoch_keys(datamodule(shard_folder, num_workers=0, seed=1))
+    again = epoch_keys(datamodule(shard_folder, num_workers=0, seed=1))
+    other = epoch_keys(datamodule(shard_folder, num_workers=0, seed=2))
+    unshuffled = epoch_keys(datamodule(shard_folder, num_workers=0, shuffle_buffer=0))
+    assert first == again and sorted(first) == sorted(other) == unshuffled
+    assert first != unshuffled and first != other
+
+
+def test_batches_are_right_padded_with_ignored_labels(shard_folder):
+    batch = next(iter(datamodule(shard_folder, num_workers=0, shuffle_buffer=0).train_dataloader()))
+    lengths = batch["attention_mask"].sum(dim=1)
+    assert lengths.max() == batch["input_ids"].shape[1] and lengths.min() < lengths.max()
+    for row, length in enumerate(lengths.tolist()):
+        assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
+        assert (batch["attention_mask"][row, :length] == 1).all()
+    assert batch["pixel_values"].shape == (4, 3, 16, 16)
+
+
+def test_more_readers_than_shards_is_refused(shard_folder):
+    module = datamodule(shard_folder, num_workers=5)
+    with pytest.raises(DataError, match="4 shard\\(s\\) but 1 rank\\(s\\) x 5 worker\\(s\\)"):
+        module.train_dataloader()

@@ -124,4 +124,32 @@ class ConversationTemplate:
         return ids
 
 
+class ChatTemplate(ConversationTemplate):
+    """A system prompt, then human turns as untrained prompts and assistant turns as trained replies.
+
+    Subclasses set the formats; ``{text}`` is the turn's text. The human format ends with the
+    assistant's header, so a conversation ending on a human turn is a generation prompt.
+    """
+
+    system_suffix: str
+    human_format: str
+    reply_format: str
+    reply_ends_with_eos: bool
+
+    def __init__(self, system: str = LLAVA_SYSTEM) -> None:
+        self.system = system
+
+    def segments(self, turns: list[tuple[str, str]]) -> list[Segment]:
+        segments: list[Segment] = []
+        for index, (role, text) in enumerate(turns):
+            if role == HUMAN:
+                prefix = self.system + self.system_suffix if index == 0 else ""
+                segments.append(Segment(prefix + self.human_format.format(text=text), trained=False))
+            else:
+                segments.append(Segment(self.reply_format.format(text=text), trained=True))
+                if self.reply_ends_with_eos:
+                    segments.append(Segment(EOS, trained=True))
+        return segments
+
+
 TEMPLATES.set_base(ConversationTemplate)

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from conftest import TINY_RUN, compose, run_cli
@@ -113,6 +114,16 @@ def test_default_recipe_writes_a_traceable_run_folder(tmp_path):
     with safe_open(str(tmp_path / "pretrain" / "trainable.safetensors"), "pt") as handle:
         assert sorted(handle.keys()) == ["connector.proj.bias", "connector.proj.weight"]
     assert "finetune" in result.stdout and "final loss" in result.stdout
+
+    # The run folder is a model: loading it gives back exactly the weights each stage trained.
+    from safetensors.torch import load_file
+
+    from mmkit.models.load import load_run
+
+    _, model = load_run(tmp_path)
+    state = model.state_dict()
+    finetuned = load_file(str(tmp_path / "finetune" / "trainable.safetensors"))
+    assert finetuned and all(torch.equal(state[name], tensor) for name, tensor in finetuned.items())
 
 
 @pytest.mark.slow

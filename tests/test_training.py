@@ -120,3 +120,22 @@ def test_bad_samples_are_skipped_counted_and_logged(tmp_path):
     assert "undecodable image" in reasons["corrupt_image"]
     assert "no assistant reply" in reasons["no_answer"]
     assert "2 <image> placeholders for 1 image" in reasons["two_placeholders"]
+
+
+def test_fsdp_strategy_wraps_the_named_layers_of_the_built_model(tiny_model):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from mmkit.errors import ConfigError
+    from mmkit.training.trainer import build_strategy
+
+    strategy = build_strategy(
+        {"name": "fsdp", "auto_wrap": ["LlamaDecoderLayer"], "activation_checkpointing": ["LlamaDecoderLayer"],
+         "sharding_strategy": "FULL_SHARD", "use_orig_params": True}, tiny_model)
+    assert isinstance(strategy, FSDPStrategy)
+    assert strategy.kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes == {LlamaDecoderLayer}
+    assert strategy.kwargs["use_orig_params"] is True
+    with pytest.raises(ConfigError, match=r"trainer.strategy.auto_wrap: \['GPT2Block'\] are not layers of this model"):
+        build_strategy({"name": "fsdp", "auto_wrap": ["GPT2Block"]}, tiny_model)
+    assert build_strategy("ddp", tiny_model) == "ddp"

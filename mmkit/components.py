@@ -7,6 +7,7 @@ import mmkit.data.templates.plain  # noqa: F401
 import mmkit.data.templates.vicuna_v1  # noqa: F401
 import mmkit.datagen.caption  # noqa: F401
 import mmkit.datagen.rules  # noqa: F401
+import mmkit.evaluation.synthetic  # noqa: F401
 import mmkit.models.connectors.identity  # noqa: F401
 import mmkit.models.connectors.linear  # noqa: F401
 import mmkit.models.connectors.mlp  # noqa: F401

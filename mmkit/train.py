@@ -36,14 +36,18 @@ def _check_launch(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Run the configured recipe in Hydra's output folder and write ``summary.json`` there."""
+    from mmkit.evaluation.run import check_evaluation, evaluate_model
     from mmkit.training.recipe import run_recipe
 
     _check_launch(cfg)
+    check_evaluation(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     started = time.perf_counter()
-    stages = run_recipe(cfg, run_dir)
+    stages, model = run_recipe(cfg, run_dir)
+    evaluation = evaluate_model(cfg, model, run_dir / "eval") if _is_global_zero() else {}
     summary = {
         "stages": stages,
+        "evaluation": evaluation,
         "wall_time_s": round(time.perf_counter() - started, 2),
         "seed": cfg.seed,
         "git": git_state(Path(__file__).resolve().parent),

@@ -26,6 +26,7 @@ TINY_RUN = [
     "recipe.stages.finetune.micro_batch_size=8",
     "recipe.stages.finetune.epochs=1",
     "trainer.enable_progress_bar=false",
+    "evaluation.tasks.synthetic.count=8",
 ]
 
 

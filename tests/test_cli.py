@@ -115,6 +115,13 @@ def test_default_recipe_writes_a_traceable_run_folder(tmp_path):
         assert sorted(handle.keys()) == ["connector.proj.bias", "connector.proj.weight"]
     assert "finetune" in result.stdout and "final loss" in result.stdout
 
+    # The run ends with the held-out evaluation, written to the run folder and printed.
+    metrics = summary["evaluation"]["synthetic"]
+    assert json.loads((tmp_path / "eval" / "synthetic" / "results.json").read_text()) == metrics
+    assert 0 <= metrics["acc"] <= 100 and 0 <= metrics["blind_acc"] <= 100
+    predictions = (tmp_path / "eval" / "synthetic" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) >= 8 and "| overall |" in result.stdout
+
     # The run folder is a model: loading it gives back exactly the weights each stage trained.
     from safetensors.torch import load_file
 

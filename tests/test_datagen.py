@@ -105,7 +105,7 @@ def test_image_placeholder_once_at_start_or_end_of_first_turn(name: str) -> None
     teacher = TEACHERS.get(name)()
     placements = Counter()
     for index, (_, view) in enumerate(_views()):
-        for turns in teacher.write(view, random.Random(index)):
+        for _, turns in teacher.write(view, random.Random(index)):
             assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2) and turns
             first = turns[0]["value"]
             assert first.count(IMAGE_PLACEHOLDER) == 1
@@ -118,7 +118,7 @@ def test_image_placeholder_once_at_start_or_end_of_first_turn(name: str) -> None
 def test_caption_teacher_answers_a_brief_instruction_with_a_caption() -> None:
     teacher = mmkit.datagen.caption.CaptionTeacher()
     for index, (_, view) in enumerate(_views()[:50]):
-        (turns,) = teacher.write(view, random.Random(index))
+        ((_, turns),) = teacher.write(view, random.Random(index))
         assert len(turns) == 2
         assert _question(turns[0]) in mmkit.datagen.caption.BRIEF_INSTRUCTIONS
         assert turns[1]["value"] in view["captions"]
@@ -129,7 +129,7 @@ def test_every_conversation_answer_matches_the_scene() -> None:
     teacher = mmkit.datagen.rules.RulesTeacher(turns=4, types=("conversation",))
     kinds_seen = Counter()
     for index, (objects, view) in enumerate(_views()):
-        (turns,) = teacher.write(view, random.Random(index))
+        ((_, turns),) = teacher.write(view, random.Random(index))
         assert len(turns) == 8
         for human, gpt in zip(turns[::2], turns[1::2]):
             question = _question(human)
@@ -160,7 +160,8 @@ def test_answers_come_from_the_view_alone() -> None:
             {"category": "blue square", "bbox": [0.6, 0.6, 0.78, 0.78]},
         ],
     }
-    (detailed,) = mmkit.datagen.rules.RulesTeacher(types=("detailed",)).write(view, random.Random(0))
+    ((kind, detailed),) = mmkit.datagen.rules.RulesTeacher(types=("detailed",)).write(view, random.Random(0))
+    assert kind == "detailed"
     assert detailed[1]["value"] == (
         "The image shows two objects. In the top left there is a large red circle. "
         "In the bottom right there is a small blue square."
@@ -170,7 +171,7 @@ def test_answers_come_from_the_view_alone() -> None:
 def test_detailed_description_names_every_object_and_position() -> None:
     teacher = mmkit.datagen.rules.RulesTeacher(types=("detailed",))
     for index, (objects, view) in enumerate(_views()):
-        (turns,) = teacher.write(view, random.Random(index))
+        ((_, turns),) = teacher.write(view, random.Random(index))
         assert _question(turns[0]) in mmkit.datagen.rules.DETAILED_INSTRUCTIONS
         description = turns[1]["value"]
         assert description.startswith(f"The image shows {number_word(len(objects))} object")
@@ -197,7 +198,7 @@ def test_reasoning_answers_state_the_facts_and_the_right_conclusion() -> None:
     teacher = mmkit.datagen.rules.RulesTeacher(types=("reasoning",))
     forms = set()
     for index, (objects, view) in enumerate(_views()):
-        (turns,) = teacher.write(view, random.Random(index))
+        ((_, turns),) = teacher.write(view, random.Random(index))
         question, answer = _question(turns[0]), turns[1]["value"]
         _check_reasoning(question, answer, objects)
         forms.add(question.split()[0])
@@ -206,8 +207,14 @@ def test_reasoning_answers_state_the_facts_and_the_right_conclusion() -> None:
 
 def test_rules_teacher_options() -> None:
     _, view = _views()[0]
-    conversations = mmkit.datagen.rules.RulesTeacher().write(view, random.Random(0))
-    assert len(conversations) == 3 and len(conversations[0]) == 6
+    written = mmkit.datagen.rules.RulesTeacher().write(view, random.Random(0))
+    assert [w.type for w in written] == ["conversation", "detailed", "reasoning"]
+    assert len(written[0].conversation) == 6
+    # Types as a comma-separated string (how a command-line option gives them), in any order.
+    assert [w.type for w in mmkit.datagen.rules.RulesTeacher(types="reasoning,detailed").write(view, random.Random(0))] == [
+        "reasoning",
+        "detailed",
+    ]
     with pytest.raises(ConfigError, match="turns"):
         mmkit.datagen.rules.RulesTeacher(turns=0)
     with pytest.raises(ConfigError, match="types"):

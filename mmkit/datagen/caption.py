@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mmkit.datagen.base import Conversation, Teacher, conversation
+from mmkit.datagen.base import Teacher, Written, conversation
 from mmkit.registry import TEACHERS
 
 BRIEF_INSTRUCTIONS: tuple[str, ...] = (
@@ -28,9 +28,10 @@ BRIEF_INSTRUCTIONS: tuple[str, ...] = (
 
 @TEACHERS.register("caption")
 class CaptionTeacher(Teacher):
-    """One conversation per image: a brief-description instruction and a caption as the reply."""
+    """One conversation per image (type ``caption``): a brief-description instruction and a
+    caption as the reply."""
 
-    def write(self, scene_view: dict[str, Any], rng: random.Random) -> list[Conversation]:
+    def write(self, scene_view: dict[str, Any], rng: random.Random) -> list[Written]:
         instruction = rng.choice(BRIEF_INSTRUCTIONS)
         caption = rng.choice(scene_view["captions"])
-        return [conversation([(instruction, caption)], rng)]
+        return [Written("caption", conversation([(instruction, caption)], rng))]

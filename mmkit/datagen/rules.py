@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from mmkit.datagen.base import Conversation, Teacher, conversation
+from mmkit.datagen.base import RESPONSE_TYPES, Teacher, Written, conversation, response_types
 from mmkit.errors import ConfigError
 from mmkit.registry import TEACHERS
 from mmkit.synth.world import (
@@ -39,8 +39,6 @@ from mmkit.synth.world import (
     referring_phrase,
     vertical_relation,
 )
-
-RESPONSE_TYPES: tuple[str, ...] = ("conversation", "detailed", "reasoning")
 
 # Ways to name one object in a question, shortest first; a question about an attribute must not
 # name that attribute, or it would give its own answer away.
@@ -260,25 +258,23 @@ _REASONERS: tuple[Callable[[Sequence[SceneObject], random.Random], tuple[str, st
 
 @TEACHERS.register("rules")
 class RulesTeacher(Teacher):
-    """One conversation per response type in ``types``; ``turns`` questions in a conversation."""
+    """One conversation per response type in ``types`` (a list, or a comma-separated string);
+    ``turns`` questions in a conversation."""
 
     def __init__(self, turns: int = 3, types: Sequence[str] = RESPONSE_TYPES) -> None:
         if int(turns) < 1:
             raise ConfigError(f"turns={turns!r}: a conversation needs at least one question")
-        unknown = [t for t in types if t not in RESPONSE_TYPES]
-        if unknown or not types:
-            raise ConfigError(f"types={list(types)!r}: choose one or more of {', '.join(RESPONSE_TYPES)}")
         self.turns = int(turns)
-        self.types = tuple(types)
+        self.types = response_types(types)
 
-    def write(self, scene_view: dict[str, Any], rng: random.Random) -> list[Conversation]:
+    def write(self, scene_view: dict[str, Any], rng: random.Random) -> list[Written]:
         objects = objects_from_view(scene_view)
         writers = {
             "conversation": self._conversation,
             "detailed": self._detailed,
             "reasoning": self._reasoning,
         }
-        return [conversation(writers[kind](objects, rng), rng) for kind in self.types]
+        return [Written(kind, conversation(writers[kind](objects, rng), rng)) for kind in self.types]
 
     def _conversation(self, objects: Sequence[SceneObject], rng: random.Random) -> list[tuple[str, str]]:
         """``turns`` distinct questions (fewer only if the scene runs out of them); kinds go round

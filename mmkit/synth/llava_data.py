@@ -2,21 +2,91 @@
 
 Built-in teachers are registered by importing them here; a plugin's teacher must be loaded by
 the caller first (``mmkit.registry.load_components``).
+
+:func:`teach` is the one loop every writer shares (this module's :func:`write_llava_dataset`
+and ``python -m mmkit.datagen``): scenes in, each scene's typed conversations out, through the
+teacher's batch path. Each scene has its own random generator, so what is written about a scene
+does not depend on which scenes came before it, and a resumed run writes exactly what an
+uninterrupted one would.
 """
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import random
+import tempfile
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator, Sequence
 
 from tqdm import tqdm
 
 import mmkit.datagen.caption  # noqa: F401  (registers the "caption" teacher)
+import mmkit.datagen.openai  # noqa: F401  (registers the "openai" teacher)
 import mmkit.datagen.rules  # noqa: F401  (registers the "rules" teacher)
-from mmkit.datagen.base import IMAGE_PLACEHOLDER, Teacher
+from mmkit.datagen.base import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher
 from mmkit.registry import TEACHERS
 from mmkit.synth.world import Scene, generate_scenes, render, symbolic_view
+
+# The keys of a record in LLaVA's JSON format.
+LLAVA_KEYS = ("id", "image", "conversations")
+
+
+def scene_rng(seed: int, scene: Scene) -> random.Random:
+    """The generator for everything written about ``scene`` (its captions, then its conversations)."""
+    return random.Random(f"mmkit-text:{seed}:{scene.scene_id}")
+
+
+_scene_rng = scene_rng  # the earlier private name
+
+
+def teach(teacher: Teacher, scenes: Iterable[Scene], seed: int) -> Iterator[tuple[Scene, list[Written | Failed]]]:
+    """``(scene, what the teacher wrote about it)`` for each scene in order, lazily, through
+    ``teacher.write_many`` (concurrent for teachers that wait on a server)."""
+    scenes_a, scenes_b = itertools.tee(scenes)
+    views_and_rngs = ((symbolic_view(scene, rng), rng) for scene, rng in ((s, scene_rng(seed, s)) for s in scenes_a))
+    first, second = itertools.tee(views_and_rngs)
+    outcomes = teacher.write_many((view for view, _ in first), (rng for _, rng in second))
+    return zip(scenes_b, outcomes)
+
+
+def image_name(scene: Scene) -> str:
+    return f"{scene.scene_id}.png"
+
+
+def scene_records(scene: Scene, outcomes: Sequence[Written | Failed]) -> list[dict[str, Any]]:
+    """One dict per outcome: ``{"id", "image", "type", "conversations"}`` for a conversation,
+    ``{"id", "image", "type", "error"}`` for a failure. Ids are ``<scene_id>-<index>``, the index
+    counting the scene's outcomes, so an id does not change when another outcome fails."""
+    records = []
+    for index, outcome in enumerate(outcomes):
+        record: dict[str, Any] = {"id": f"{scene.scene_id}-{index}", "image": image_name(scene), "type": outcome.type}
+        if isinstance(outcome, Failed):
+            record["error"] = outcome.reason
+        else:
+            record["conversations"] = outcome.conversation
+        records.append(record)
+    return records
+
+
+def llava_record(record: dict[str, Any]) -> dict[str, Any]:
+    """The LLaVA-format part of a record (``id``, ``image``, ``conversations``)."""
+    return {key: record[key] for key in LLAVA_KEYS if key in record}
+
+
+def save_image(scene: Scene, image_dir: Path, resolution: int) -> Path:
+    """Render ``scene`` into ``image_dir`` (atomically: a killed run never leaves half a PNG)."""
+    path = image_dir / image_name(scene)
+    handle, temporary = tempfile.mkstemp(dir=image_dir, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            render(scene, resolution).save(out, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_llava_dataset(
@@ -32,20 +102,30 @@ def write_llava_dataset(
     """Render ``count`` scenes of ``split`` to ``out_dir/images/<scene_id>.png`` and write the
     teacher's conversations about them to ``out_dir/<split>.json``, one record per conversation.
 
-    The same arguments always give the same files. Returns the JSON path.
+    The same arguments always give the same files. A response the teacher could not use is left
+    out with a warning (``python -m mmkit.datagen`` counts and lists them). Returns the JSON path.
     """
     out_dir = Path(out_dir)
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    writer: Teacher = TEACHERS.get(teacher, key="teacher")(**(teacher_options or {}))
+    writer = build_teacher(teacher, teacher_options)
     records: list[dict[str, Any]] = []
+    failures: list[str] = []
     scenes = generate_scenes(split, count, seed)
-    for scene in tqdm(scenes, desc=f"{split} scenes ({teacher})", disable=not progress):
-        image_name = f"{scene.scene_id}.png"
-        render(scene, resolution).save(image_dir / image_name)
-        rng = _scene_rng(seed, scene)
-        for index, turns in enumerate(writer.write(symbolic_view(scene, rng), rng)):
-            records.append({"id": f"{scene.scene_id}-{index}", "image": image_name, "conversations": turns})
+    for scene, outcomes in tqdm(teach(writer, scenes, seed), total=len(scenes), desc=f"{split} scenes ({teacher})", disable=not progress):
+        save_image(scene, image_dir, resolution)
+        for record in scene_records(scene, outcomes):
+            if "error" in record:
+                failures.append(f"{record['id']} ({record['type']}): {record['error']}")
+            else:
+                records.append(llava_record(record))
+    if failures:
+        warnings.warn(
+            f"teacher {teacher!r}: {len(failures)} response(s) could not be used and were left out, "
+            f"e.g. {failures[0]}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     path = out_dir / f"{split}.json"
     # Written aside and renamed, so a reader that treats the JSON's presence as "dataset ready"
     # never sees a half-written file.
@@ -61,15 +141,10 @@ def write_text_corpus(count: int, seed: int) -> list[str]:
     teachers: list[Teacher] = [TEACHERS.get("caption")(), TEACHERS.get("rules")()]
     lines: list[str] = []
     for scene in generate_scenes("train", count, seed):
-        rng = _scene_rng(seed, scene)
+        rng = scene_rng(seed, scene)
         view = symbolic_view(scene, rng)
         lines += view["captions"]
         for teacher in teachers:
-            for turns in teacher.write(view, rng):
-                lines += [turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in turns]
+            for written in teacher.write(view, rng):
+                lines += [turn["value"].replace(IMAGE_PLACEHOLDER, "").strip() for turn in written.conversation]
     return lines
-
-
-def _scene_rng(seed: int, scene: Scene) -> random.Random:
-    # One generator per scene: a scene's text does not depend on how many scenes came before it.
-    return random.Random(f"mmkit-text:{seed}:{scene.scene_id}")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,10 @@ def run_stage(
     lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log)
 
     started = time.perf_counter()
-    trainer.fit(lit, datamodule=datamodule)
+    with warnings.catch_warnings():
+        # Frozen towers sit in eval mode on purpose (no dropout); Lightning warns about that.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(lit, datamodule=datamodule)
     wall_time = time.perf_counter() - started
 
     samples, skipped = _gather_counts(lit.samples_seen, lit.skipped)
@@ -153,7 +157,8 @@ def run_stage(
     return summary, checkpoint
 
 
-def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run_recipe(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], VisionLanguageModel]:
+    """Each stage's summary, and the model as the last stage left it."""
     check_recipe(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
@@ -161,4 +166,4 @@ def run_recipe(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     previous: Path | None = None
     for name in cfg.recipe.stages:
         stages[name], previous = run_stage(cfg, name, model, run_dir, previous)
-    return stages
+    return stages, model

@@ -53,7 +53,8 @@ class HFCausalLM(LanguageDecoder):
             kwargs["attn_implementation"] = attn_implementation
         self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
         if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
-            self.model.resize_token_embeddings(len(self.tokenizer))
+            # <image> positions are always overwritten by image features, so its init is irrelevant.
+            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if gradient_checkpointing:
             # Reentrant checkpointing drops gradients when the inputs do not require grad

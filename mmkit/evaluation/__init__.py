@@ -1,0 +1,1 @@
+"""Evaluation: evaluators (registered components) and batched generation."""

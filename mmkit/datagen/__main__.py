@@ -18,13 +18,16 @@ then prints counts by response type and the failures.
 Interrupted (even by ``kill -9``), the same command continues where it stopped: scenes whose
 records are all in ``records.jsonl`` are skipped, a half-written tail is dropped, and the result
 is the same as an uninterrupted run's. A larger ``--count`` extends a folder; a different
-teacher, teacher option, split, seed or resolution is refused rather than mixed in.
+teacher, split, seed, resolution or teacher option is refused rather than mixed in (options that
+do not change what is written, such as the openai teacher's ``concurrency``, ``max_retries`` or
+``cache_dir``, may change between runs).
 ``--option`` values are read as JSON when they parse (``4``, ``0.5``, ``null``,
 ``["detailed"]``) and as strings otherwise.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -89,6 +92,27 @@ def _write_atomically(path: Path, text: str) -> None:
     partial.replace(path)
 
 
+def _output_options(constructor: Any, options: dict[str, Any], operational: frozenset[str]) -> dict[str, Any]:
+    """The options that decide what a teacher writes, defaults filled in (so ``turns=3`` given
+    and ``turns`` left at its default of 3 are the same run), as plain JSON values."""
+    try:
+        bound = inspect.signature(constructor).bind_partial(**options)
+        bound.apply_defaults()
+        resolved = {k: v for k, v in bound.arguments.items() if k != "self"}
+    except (TypeError, ValueError):
+        resolved = dict(options)
+    kept = {k: v for k, v in sorted(resolved.items()) if k not in operational}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def _flat(identity: dict[str, Any]) -> dict[str, Any]:
+    """``{"options": {"model": m}}`` as ``{"option model": m}``, so a difference names the option."""
+    flat = {key: value for key, value in identity.items() if key != "options"}
+    options = identity.get("options")
+    flat.update({f"option {key}": value for key, value in (options.items() if isinstance(options, dict) else [])})
+    return flat
+
+
 def check_identity(out: Path, identity: dict[str, Any]) -> bool:
     """Record what ``out`` holds, or check that it matches this run. True when resuming."""
     path = out / IDENTITY_FILE
@@ -98,10 +122,10 @@ def check_identity(out: Path, identity: dict[str, Any]) -> bool:
         except ValueError:
             raise DataError(f"{path}: not valid JSON; delete {out} to start over") from None
         if previous != identity:
-            keys = sorted(set(previous) | set(identity))
+            before, now = _flat(previous), _flat(identity)
             changed = [
-                f"{key}: {json.dumps(previous.get(key))} there, {json.dumps(identity.get(key))} now"
-                for key in keys if previous.get(key) != identity.get(key)
+                f"{key}: {json.dumps(before.get(key))} there, {json.dumps(now.get(key))} now"
+                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)
             ]
             raise ConfigError(
                 f"--out {out} holds data written with other settings ({'; '.join(changed)}); "
@@ -109,7 +133,9 @@ def check_identity(out: Path, identity: dict[str, Any]) -> bool:
             )
         return True
     if (out / RECORDS_FILE).exists():
-        raise ConfigError(f"--out {out} has a {RECORDS_FILE} but no {IDENTITY_FILE}; it was not written by this command")
+        raise ConfigError(
+            f"--out {out} has a {RECORDS_FILE} but no {IDENTITY_FILE}; it was not written by this command"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _write_atomically(path, json.dumps(identity, indent=1, sort_keys=True))
     return False
@@ -152,7 +178,9 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
         except (ValueError, KeyError, TypeError):
             if number == len(complete_lines) and not tail:
                 break  # a garbled last line: the run died while writing it
-            raise DataError(f"{path}: line {number} is not a record this command wrote; delete the folder to start over") from None
+            raise DataError(
+                f"{path}: line {number} is not a record this command wrote; delete the folder to start over"
+            ) from None
         if group and group[0][0]["scene"] != scene:
             close_group()
         group.append((record, raw))
@@ -199,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
     identity = {
         "format": _FORMAT,
         "teacher": args.teacher,
-        "options": {k: v for k, v in sorted(options.items()) if k not in teacher.operational_options},
+        "options": _output_options(TEACHERS.get(args.teacher), options, teacher.operational_options),
         "split": args.split,
         "seed": args.seed,
         "resolution": args.resolution,
@@ -207,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
     check_identity(out, identity)
     image_dir = out / "images"
     image_dir.mkdir(exist_ok=True)
+    for leftover in image_dir.glob(".*.tmp"):  # an image a killed run was saving
+        leftover.unlink(missing_ok=True)
     records_path = out / RECORDS_FILE
     done = load_records(records_path)
     todo = [scene for scene in scenes if scene.scene_id not in done]

@@ -86,7 +86,9 @@ class OpenAITeacher(Teacher):
     ) -> None:
         parsed = urllib.parse.urlparse(str(base_url))
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            raise ConfigError(f"teacher.base_url={base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1")
+            raise ConfigError(
+                f"teacher.base_url={base_url!r}: expected an http(s) URL such as http://127.0.0.1:8000/v1"
+            )
         if not model:
             raise ConfigError("teacher.model: name the chat model to ask (e.g. teacher.model=gpt-4o)")
         self.base_url = str(base_url).rstrip("/")
@@ -140,9 +142,8 @@ class OpenAITeacher(Teacher):
                     if item is None:
                         break
                     view, rng = item
-                    pending.append(
-                        [(t, pool.submit(self.complete, messages), extra) for t, messages, extra in self._plan(view, rng)]
-                    )
+                    plan = self._plan(view, rng)
+                    pending.append([(t, pool.submit(self.complete, messages), extra) for t, messages, extra in plan])
                 if not pending:
                     return
                 yield [self._outcome(t, future.result(), extra) for t, future, extra in pending.popleft()]

@@ -112,7 +112,8 @@ def write_llava_dataset(
     records: list[dict[str, Any]] = []
     failures: list[str] = []
     scenes = generate_scenes(split, count, seed)
-    for scene, outcomes in tqdm(teach(writer, scenes, seed), total=len(scenes), desc=f"{split} scenes ({teacher})", disable=not progress):
+    written = teach(writer, scenes, seed)
+    for scene, outcomes in tqdm(written, total=len(scenes), desc=f"{split} scenes ({teacher})", disable=not progress):
         save_image(scene, image_dir, resolution)
         for record in scene_records(scene, outcomes):
             if "error" in record:

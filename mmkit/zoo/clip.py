@@ -1,0 +1,139 @@
+"""A tiny CLIP, pretrained contrastively on the synthetic world's image-caption pairs.
+
+The vision tower is what the embedded default uses (``zoo://tiny-clip``). Plain contrastive
+training on such captions learns a bag of attributes (which colours, which shapes) rather than
+which colour goes with which shape, a known CLIP weakness; so every batch also carries one
+*hard negative* caption per image, of the same scene with two objects' colours swapped or one
+attribute changed, which only an encoder that binds attributes to objects can reject.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from mmkit.synth.world import COLOURS, SHAPES, Scene, captions, generate_scenes, render
+from mmkit.zoo import ensure_model, write_quality
+
+IMAGE_SIZE, PATCH_SIZE, WIDTH, LAYERS = 64, 8, 128, 4
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+STEPS, BATCH, LR, WARMUP = 450, 128, 1e-3, 50
+
+
+def _vision_config():
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(
+        hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=LAYERS, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=WIDTH,
+    )
+
+
+def _save_processor(out: Path) -> None:
+    from transformers import CLIPImageProcessor
+
+    CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD),
+    ).save_pretrained(out)
+
+
+def build_tiny_clip_random(out: Path) -> None:
+    """The same vision tower, untrained: the baseline any pretraining must beat."""
+    from transformers import CLIPVisionModel
+
+    torch.manual_seed(0)
+    CLIPVisionModel(_vision_config()).save_pretrained(out)
+    _save_processor(out)
+    write_quality(out, {"pretraining": "none (random init)"})
+
+
+def hard_negative(scene: Scene, rng: random.Random) -> Scene:
+    """The same scene with its attribute binding broken: two colours swapped, else one changed."""
+    objects = list(scene.objects)
+    pairs = [(i, j) for i in range(len(objects)) for j in range(i + 1, len(objects)) if objects[i].colour != objects[j].colour]
+    if pairs and rng.random() < 0.6:
+        i, j = rng.choice(pairs)
+        objects[i], objects[j] = (
+            dataclasses.replace(objects[i], colour=objects[j].colour),
+            dataclasses.replace(objects[j], colour=objects[i].colour),
+        )
+    else:
+        k = rng.randrange(len(objects))
+        if rng.random() < 0.5:
+            objects[k] = dataclasses.replace(objects[k], colour=rng.choice([c for c in COLOURS if c != objects[k].colour]))
+        else:
+            objects[k] = dataclasses.replace(objects[k], shape=rng.choice([s for s in SHAPES if s != objects[k].shape]))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def _pixels(scenes: list[Scene]) -> torch.Tensor:
+    array = np.stack([np.asarray(render(s, IMAGE_SIZE), dtype=np.float32) / 255.0 for s in scenes])
+    pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
+    return (pixels - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+def _tokens(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
+    # CLIP's text tower pools at the first eos token, so every caption ends with one.
+    return tokenizer([t + tokenizer.eos_token for t in texts], padding=True, return_tensors="pt")
+
+
+def _retrieval_accuracy(model, tokenizer, scenes: list[Scene], rng: random.Random) -> float:
+    """Image -> caption top-1 among all ``len(scenes)`` captions (chance: 1/len)."""
+    with torch.no_grad():
+        image = F.normalize(model.get_image_features(pixel_values=_pixels(scenes)), dim=-1)
+        text = F.normalize(model.get_text_features(**_tokens(tokenizer, [captions(s, rng)[0] for s in scenes])), dim=-1)
+    return float(((image @ text.T).argmax(dim=1) == torch.arange(len(scenes))).float().mean())
+
+
+def build_tiny_clip(out: Path) -> None:
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    torch.manual_seed(0)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=96, projection_dim=WIDTH,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=_vision_config().to_dict(), projection_dim=WIDTH))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS)))
+    )
+    scenes = generate_scenes("train", STEPS * BATCH // 4, seed=7)  # each scene seen about 4 times
+    rng = random.Random(0)
+    started = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(STEPS), desc="zoo: tiny-clip contrastive pretraining", unit="step"):
+        batch = rng.sample(scenes, BATCH)
+        texts = [rng.choice(captions(s, rng)) for s in batch] + [captions(hard_negative(s, rng), rng)[0] for s in batch]
+        image = F.normalize(model.get_image_features(pixel_values=_pixels(batch)), dim=-1)
+        text = F.normalize(model.get_text_features(**_tokens(tokenizer, texts)), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # [B, 2B]: positives, then hard negatives
+        targets = torch.arange(BATCH)
+        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :BATCH].T, targets)) / 2
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    val = generate_scenes("val", 256, seed=7)
+    vision = CLIPVisionModel(_vision_config())
+    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    vision.save_pretrained(out)
+    _save_processor(out)
+    write_quality(out, {
+        "pretraining": f"contrastive, {STEPS} steps x {BATCH} pairs + {BATCH} hard negatives",
+        "final_loss": round(float(loss), 4),
+        "val_retrieval_top1_of_256": round(_retrieval_accuracy(model, tokenizer, val, random.Random(1)), 4),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    })

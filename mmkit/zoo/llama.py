@@ -1,0 +1,85 @@
+"""A tiny Llama, pretrained on the synthetic world's text (captions and image-free conversations
+in the chat format), the way Vicuna knows language and chat before LLaVA's stages begin."""
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mmkit.zoo import ensure_model, write_quality
+from mmkit.zoo.text import conversations_as_text
+
+WIDTH, LAYERS, HEADS = 128, 4, 4
+STEPS, BATCH, LR, WARMUP = 600, 32, 2e-3, 50
+
+
+def _encode_all(tokenizer, conversations: list[list[dict]]) -> list[torch.Tensor]:
+    from mmkit.data.templates.vicuna_v1 import VicunaV1Template
+
+    template = VicunaV1Template()
+    return [torch.tensor(template.encode(c, tokenizer, num_image_tokens=0).input_ids) for c in conversations]
+
+
+def _batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id)
+    labels = torch.full((len(sequences), length), -100)
+    for row, sequence in enumerate(sequences):
+        ids[row, : len(sequence)] = sequence
+        labels[row, : len(sequence)] = sequence
+    return ids, labels
+
+
+def _perplexity(model, sequences: list[torch.Tensor], pad_id: int) -> float:
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(sequences), 64):
+            ids, labels = _batch(sequences[start : start + 64], pad_id)
+            tokens = int((labels[:, 1:] != -100).sum())
+            total_loss += float(model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss) * tokens
+            total_tokens += tokens
+    return math.exp(total_loss / total_tokens)
+
+
+def build_tiny_llama(out: Path) -> None:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    train = _encode_all(tokenizer, conversations_as_text("train", 4000, seed=11))
+    val = _encode_all(tokenizer, conversations_as_text("val", 200, seed=11))
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=int(2.75 * WIDTH), num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1024, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    initial_perplexity = _perplexity(model, val, tokenizer.pad_token_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS)))
+    )
+    rng = random.Random(0)
+    started = time.perf_counter()
+    model.train()
+    for _ in tqdm(range(STEPS), desc="zoo: tiny-llama pretraining", unit="step"):
+        ids, labels = _batch(rng.sample(train, BATCH), tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    write_quality(out, {
+        "pretraining": f"causal LM, {STEPS} steps x {BATCH} conversations of the world's text",
+        "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
+        "val_perplexity_untrained": round(initial_perplexity, 1),
+        "train_seconds": round(time.perf_counter() - started, 1),
+    })

@@ -10,6 +10,7 @@ world's image-caption pairs, the LM on the world's text. Each folder holds ``qua
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,9 +37,30 @@ def names() -> list[str]:
     return sorted(_builders())
 
 
+def pretraining_scale() -> float:
+    """``$MMKIT_ZOO_SCALE`` scales every zoo model's pretraining steps and corpus (default 1).
+
+    The test suite runs the real pretraining code at a small scale; such models are cached
+    apart from full-scale ones so the two never mix."""
+    value = os.environ.get("MMKIT_ZOO_SCALE", "1")
+    try:
+        scale = float(value)
+    except ValueError:
+        scale = -1.0
+    if not 0 < scale <= 1:
+        raise ConfigError(f"MMKIT_ZOO_SCALE={value!r}: use a number in (0, 1]")
+    return scale
+
+
+def scaled(count: int) -> int:
+    return max(1, round(count * pretraining_scale()))
+
+
 def model_folder(name: str) -> Path:
     version = _builders()[name][0]
-    return mmkit_home() / "zoo" / f"{name}-v{version}"
+    scale = pretraining_scale()
+    suffix = "" if scale == 1 else f"-scale{scale:g}"
+    return mmkit_home() / "zoo" / f"{name}-v{version}{suffix}"
 
 
 def ensure_model(name: str) -> Path:

@@ -9,7 +9,6 @@ attribute changed, which only an encoder that binds attributes to objects can re
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from pathlib import Path
@@ -20,9 +19,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmkit.synth.world import COLOURS, SHAPES, Scene, captions, generate_scenes, render
-from mmkit.zoo import ensure_model, write_quality
+from mmkit.training.module import warmup_cosine
+from mmkit.zoo import ensure_model, scaled, write_quality
 
-IMAGE_SIZE, PATCH_SIZE, WIDTH, LAYERS = 64, 8, 128, 4
+# 32-pixel patches on 64-pixel images: one patch per image quadrant, where the world puts at most
+# one object, so each image token sees whole objects (4 image tokens instead of 64).
+IMAGE_SIZE, PATCH_SIZE, WIDTH, LAYERS = 64, 32, 128, 4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STEPS, BATCH, LR, WARMUP = 450, 128, 1e-3, 50
@@ -86,11 +88,16 @@ def _tokens(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
     return tokenizer([t + tokenizer.eos_token for t in texts], padding=True, return_tensors="pt")
 
 
+def _projected(output) -> torch.Tensor:
+    # transformers 5 returns a model output whose pooler_output is projected; 4.x a tensor.
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def _retrieval_accuracy(model, tokenizer, scenes: list[Scene], rng: random.Random) -> float:
     """Image -> caption top-1 among all ``len(scenes)`` captions (chance: 1/len)."""
     with torch.no_grad():
-        image = F.normalize(model.get_image_features(pixel_values=_pixels(scenes)), dim=-1)
-        text = F.normalize(model.get_text_features(**_tokens(tokenizer, [captions(s, rng)[0] for s in scenes])), dim=-1)
+        image = F.normalize(_projected(model.get_image_features(pixel_values=_pixels(scenes))), dim=-1)
+        text = F.normalize(_projected(model.get_text_features(**_tokens(tokenizer, [captions(s, rng)[0] for s in scenes]))), dim=-1)
     return float(((image @ text.T).argmax(dim=1) == torch.arange(len(scenes))).float().mean())
 
 
@@ -106,18 +113,17 @@ def build_tiny_clip(out: Path) -> None:
     )
     model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=_vision_config().to_dict(), projection_dim=WIDTH))
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS)))
-    )
-    scenes = generate_scenes("train", STEPS * BATCH // 4, seed=7)  # each scene seen about 4 times
+    steps = scaled(STEPS)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(WARMUP, steps), steps))
+    scenes = generate_scenes("train", max(BATCH, steps * BATCH // 4), seed=7)  # each scene seen about 4 times
     rng = random.Random(0)
     started = time.perf_counter()
     model.train()
-    for _ in tqdm(range(STEPS), desc="zoo: tiny-clip contrastive pretraining", unit="step"):
+    for _ in tqdm(range(steps), desc="zoo: tiny-clip contrastive pretraining", unit="step"):
         batch = rng.sample(scenes, BATCH)
         texts = [rng.choice(captions(s, rng)) for s in batch] + [captions(hard_negative(s, rng), rng)[0] for s in batch]
-        image = F.normalize(model.get_image_features(pixel_values=_pixels(batch)), dim=-1)
-        text = F.normalize(model.get_text_features(**_tokens(tokenizer, texts)), dim=-1)
+        image = F.normalize(_projected(model.get_image_features(pixel_values=_pixels(batch))), dim=-1)
+        text = F.normalize(_projected(model.get_text_features(**_tokens(tokenizer, texts))), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # [B, 2B]: positives, then hard negatives
         targets = torch.arange(BATCH)
         loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :BATCH].T, targets)) / 2
@@ -128,11 +134,13 @@ def build_tiny_clip(out: Path) -> None:
     model.eval()
     val = generate_scenes("val", 256, seed=7)
     vision = CLIPVisionModel(_vision_config())
-    vision.vision_model.load_state_dict(model.vision_model.state_dict())
+    # transformers 5's CLIPVisionModel is the bare tower; 4.x wraps it in .vision_model.
+    tower = getattr(vision, "vision_model", vision)
+    tower.load_state_dict(model.vision_model.state_dict())
     vision.save_pretrained(out)
     _save_processor(out)
     write_quality(out, {
-        "pretraining": f"contrastive, {STEPS} steps x {BATCH} pairs + {BATCH} hard negatives",
+        "pretraining": f"contrastive, {steps} steps x {BATCH} pairs + {BATCH} hard negatives",
         "final_loss": round(float(loss), 4),
         "val_retrieval_top1_of_256": round(_retrieval_accuracy(model, tokenizer, val, random.Random(1)), 4),
         "train_seconds": round(time.perf_counter() - started, 1),

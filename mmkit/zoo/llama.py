@@ -10,7 +10,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmkit.zoo import ensure_model, write_quality
+from mmkit.training.module import warmup_cosine
+
+from mmkit.zoo import ensure_model, scaled, write_quality
 from mmkit.zoo.text import conversations_as_text
 
 WIDTH, LAYERS, HEADS = 128, 4, 4
@@ -49,8 +51,9 @@ def build_tiny_llama(out: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
-    train = _encode_all(tokenizer, conversations_as_text("train", 4000, seed=11))
-    val = _encode_all(tokenizer, conversations_as_text("val", 200, seed=11))
+    train = _encode_all(tokenizer, conversations_as_text("train", scaled(4000), seed=11))
+    val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11))
+    steps = scaled(STEPS)
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=int(2.75 * WIDTH), num_hidden_layers=LAYERS,
@@ -60,14 +63,12 @@ def build_tiny_llama(out: Path) -> None:
     model = LlamaForCausalLM(config)
     initial_perplexity = _perplexity(model, val, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / WARMUP) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / STEPS)))
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(WARMUP, steps), steps))
     rng = random.Random(0)
     started = time.perf_counter()
     model.train()
-    for _ in tqdm(range(STEPS), desc="zoo: tiny-llama pretraining", unit="step"):
-        ids, labels = _batch(rng.sample(train, BATCH), tokenizer.pad_token_id)
+    for _ in tqdm(range(steps), desc="zoo: tiny-llama pretraining", unit="step"):
+        ids, labels = _batch(rng.sample(train, min(BATCH, len(train))), tokenizer.pad_token_id)
         loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
         optimizer.zero_grad()
         loss.backward()
@@ -78,7 +79,7 @@ def build_tiny_llama(out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_quality(out, {
-        "pretraining": f"causal LM, {STEPS} steps x {BATCH} conversations of the world's text",
+        "pretraining": f"causal LM, {steps} steps x {BATCH} conversations of the world's text",
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
         "val_perplexity_untrained": round(initial_perplexity, 1),
         "train_seconds": round(time.perf_counter() - started, 1),

@@ -16,7 +16,9 @@ def build_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    corpus = write_text_corpus(count=3000, seed=0) + [LLAVA_SYSTEM, "USER: ASSISTANT: ###Human: ###Assistant:"]
+    from mmkit.zoo import scaled
+
+    corpus = write_text_corpus(count=scaled(3000), seed=0) + [LLAVA_SYSTEM, "USER: ASSISTANT: ###Human: ###Assistant:"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -1,0 +1,53 @@
+"""The zoo: real pretraining code (at the test scale), cached HF folders, measured quality."""
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+from conftest import run_cli
+from mmkit.errors import ConfigError
+from mmkit.synth.world import generate_scenes, object_signature
+from mmkit.zoo import ensure_model, model_folder, quality
+from mmkit.zoo.clip import hard_negative
+
+
+def test_models_are_cached_hf_folders_with_a_quality_report():
+    for name in ("tiny-clip", "tiny-llama"):
+        folder = ensure_model(name)
+        assert folder == model_folder(name) and folder.name.endswith("-scale0.02")
+        assert quality(name) is not None
+    assert isinstance(CLIPVisionModel.from_pretrained(ensure_model("tiny-clip")), CLIPVisionModel)
+    assert isinstance(LlamaForCausalLM.from_pretrained(ensure_model("tiny-llama")), LlamaForCausalLM)
+    report = quality("tiny-llama")
+    # Even a few steps of pretraining beat the untrained model on held-out text by far.
+    assert report["val_perplexity"] < report["val_perplexity_untrained"] / 5
+    assert 0 <= quality("tiny-clip")["val_retrieval_top1_of_256"] <= 1
+
+
+def test_tokenizer_ends_captions_with_an_eos_clip_can_pool_at():
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    assert tokenizer.eos_token_id != 2  # id 2 switches CLIP's text pooling to "largest id"
+    text = "A small red circle in the top left."
+    assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+
+
+def test_hard_negatives_change_what_the_scene_shows_but_not_its_layout():
+    rng = random.Random(0)
+    for scene in generate_scenes("train", 50, seed=3):
+        negative = hard_negative(scene, rng)
+        assert object_signature(negative.objects) != object_signature(scene.objects)
+        assert [o.box for o in negative.objects] == [o.box for o in scene.objects]
+
+
+def test_unknown_zoo_model_is_a_config_error():
+    with pytest.raises(ConfigError, match="zoo://tiny-gpt: unknown zoo model; available: tiny-clip"):
+        ensure_model("tiny-gpt")
+
+
+def test_zoo_cli_lists_models_with_quality():
+    ensure_model("tiny-llama")
+    result = run_cli(["-m", "mmkit.zoo", "list"], timeout=120)
+    assert result.returncode == 0
+    assert "tiny-llama" in result.stdout and "cached" in result.stdout and "val_perplexity" in result.stdout

@@ -33,7 +33,7 @@ def test_default_data_is_clean_and_rendered_with_trained_spans() -> None:
     assert replies and all(reply.strip() for reply in replies)
     # Nothing the human says is trained.
     assert not re.search(r"\[\[[^\]]*USER:", out)
-    assert "<image x64>" in out and "<image><image>" not in out
+    assert "<image x4>" in out and "<image><image>" not in out
     samples = int(_row(out, "samples checked"))
     assert samples >= 20  # the rules teacher writes several conversations per scene
     assert int(_row(out, "encoded for training")) == samples
@@ -74,8 +74,8 @@ def test_bad_samples_are_reported_and_fail_the_check(tmp_path: Path) -> None:
     assert _row(out, "samples checked") == "3"
     assert _row(out, "encoded for training") == "1"
     assert _row(out, "skipped by SampleEncoder") == "2"
-    assert _row(out, "wrong image-token count") == "1"  # 128 image tokens for one image of 64
-    assert "wrong image-token count (128, expected 64)" in out
+    assert _row(out, "wrong image-token count") == "1"  # 8 image tokens for one image of 4
+    assert "wrong image-token count (8, expected 4)" in out
     # Reasons are grouped by shape (numbers as N), each with an example sample.
     assert "skip reason x1: N <image> placeholders for N image(s)  (e.g. two_placeholders: 2 <image> placeholders for 1 image(s))" in out
     assert re.search(r"skip reason x1: the conversation has no assistant reply .*\(e\.g\. no_reply\)", out)

@@ -25,14 +25,14 @@ def test_hf_clip_returns_the_requested_hidden_state(layer):
     pixels = images(2)
     reference = encoder.model(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
     features = encoder(pixels)
-    assert features.shape == (2, 64, 128) == (2, encoder.num_tokens, encoder.hidden_size)
+    assert features.shape == (2, 4, 128) == (2, encoder.num_tokens, encoder.hidden_size)  # 2x2 patches
     assert torch.equal(features, reference[:, 1:])  # CLS dropped
     assert not any(p.requires_grad for p in encoder.parameters())  # frozen by default
 
 
 def test_hf_clip_cls_patch_keeps_cls():
     encoder = ENCODERS.get("hf_clip")(path="zoo://tiny-clip", select="cls_patch")
-    assert encoder(images(1)).shape == (1, 65, 128) and encoder.num_tokens == 65
+    assert encoder(images(1)).shape == (1, 5, 128) and encoder.num_tokens == 5
 
 
 @pytest.mark.parametrize("layer", [99, -6, 5])
@@ -125,7 +125,7 @@ def test_image_embeddings_land_exactly_at_image_token_positions(tiny_model):
 
 def test_image_token_count_mismatch_is_a_data_error(tiny_model):
     input_ids = torch.tensor([[1, tiny_model.image_token_id, 5]])
-    with pytest.raises(DataError, match="1 image-token positions but 1 images x 64 tokens"):
+    with pytest.raises(DataError, match="1 image-token positions but 1 images x 4 tokens"):
         tiny_model.embed(input_ids, images(1))
 
 

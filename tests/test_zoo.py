@@ -8,7 +8,7 @@ from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from conftest import run_cli
 from mmkit.errors import ConfigError
-from mmkit.synth.world import generate_scenes, object_signature
+from mmkit.synth.world import describe, generate_scenes, object_signature, quadrant
 from mmkit.zoo import ensure_model, model_folder, quality
 from mmkit.zoo.clip import hard_negative
 
@@ -33,12 +33,19 @@ def test_tokenizer_ends_captions_with_an_eos_clip_can_pool_at():
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
 
 
-def test_hard_negatives_change_what_the_scene_shows_but_not_its_layout():
+def test_hard_negatives_break_binding_of_colour_place_or_attribute():
     rng = random.Random(0)
-    for scene in generate_scenes("train", 50, seed=3):
+    kinds = set()
+    for scene in generate_scenes("train", 200, seed=3):
         negative = hard_negative(scene, rng)
         assert object_signature(negative.objects) != object_signature(scene.objects)
-        assert [o.box for o in negative.objects] == [o.box for o in scene.objects]
+        assert len({quadrant(o.box) for o in negative.objects}) == len(negative.objects)
+        assert all(0 <= o.box[0] < o.box[2] <= 1 and 0 <= o.box[1] < o.box[3] <= 1 for o in negative.objects)
+        same_things = sorted(map(describe, scene.objects)) == sorted(map(describe, negative.objects))
+        same_places = [o.box for o in scene.objects] == [o.box for o in negative.objects]
+        kinds.add("moved" if same_things else "swapped colours" if same_places and
+                  sorted(o.colour for o in scene.objects) == sorted(o.colour for o in negative.objects) else "changed")
+    assert kinds == {"moved", "swapped colours", "changed"}
 
 
 def test_unknown_zoo_model_is_a_config_error():

@@ -82,8 +82,9 @@ class SyntheticEvaluator(Evaluator):
         ]
         answers = generator.answer(prompts, desc=f"synthetic {self.split}")
         blind = self.blind_answers()
-        model_acc = {kind: MeanMetric() for kind in ("all", *self.kinds)}
-        blind_acc = {kind: MeanMetric() for kind in ("all", *self.kinds)}
+        # One process scores every answer: no cross-rank sync, even inside a DDP run.
+        model_acc = {kind: MeanMetric(sync_on_compute=False) for kind in ("all", *self.kinds)}
+        blind_acc = {kind: MeanMetric(sync_on_compute=False) for kind in ("all", *self.kinds)}
         predictions = []
         for question, answer in zip(questions, answers):
             correct = float(normalise(answer) == normalise(question.answer))

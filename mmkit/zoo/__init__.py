@@ -27,7 +27,7 @@ def _builders() -> dict[str, tuple[int, Callable[[Path], None]]]:
     # name -> (version, builder); bump a version when its recipe changes so caches are rebuilt.
     return {
         "tiny-tokenizer": (2, build_tokenizer),
-        "tiny-clip": (2, build_tiny_clip),
+        "tiny-clip": (3, build_tiny_clip),
         "tiny-clip-random": (2, build_tiny_clip_random),
         "tiny-llama": (2, build_tiny_llama),
     }

@@ -3,8 +3,8 @@
 The vision tower is what the embedded default uses (``zoo://tiny-clip``). Plain contrastive
 training on such captions learns a bag of attributes (which colours, which shapes) rather than
 which colour goes with which shape, a known CLIP weakness; so every batch also carries one
-*hard negative* caption per image, of the same scene with two objects' colours swapped or one
-attribute changed, which only an encoder that binds attributes to objects can reject.
+*hard negative* caption per image, of the same scene with two objects' colours or places swapped,
+or one attribute changed, which only an encoder that binds attributes to objects can reject.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmkit.synth.world import COLOURS, SHAPES, Scene, captions, generate_scenes, render
+from mmkit.synth.world import COLOURS, SHAPES, Scene, SceneObject, captions, describe, generate_scenes, render
 from mmkit.training.module import warmup_cosine
 from mmkit.zoo import ensure_model, scaled, write_quality
 
@@ -58,16 +58,41 @@ def build_tiny_clip_random(out: Path) -> None:
     write_quality(out, {"pretraining": "none (random init)"})
 
 
+def _moved(obj: SceneObject, target: tuple[float, float]) -> SceneObject:
+    """``obj`` shifted by whole quadrants so that its quadrant's corner becomes ``target``."""
+    x1, y1, x2, y2 = obj.box
+    dx, dy = target[0] - (0.5 if x1 >= 0.5 else 0.0), target[1] - (0.5 if y1 >= 0.5 else 0.0)
+    return dataclasses.replace(obj, box=tuple(round(v, 2) for v in (x1 + dx, y1 + dy, x2 + dx, y2 + dy)))
+
+
+def _corner(obj: SceneObject) -> tuple[float, float]:
+    return (0.5 if obj.box[0] >= 0.5 else 0.0, 0.5 if obj.box[1] >= 0.5 else 0.0)
+
+
 def hard_negative(scene: Scene, rng: random.Random) -> Scene:
-    """The same scene with its attribute binding broken: two colours swapped, else one changed."""
+    """The same objects with their binding broken: two colours swapped, two objects' places
+    swapped (or one moved to an empty quadrant), or one attribute changed."""
     objects = list(scene.objects)
-    pairs = [(i, j) for i in range(len(objects)) for j in range(i + 1, len(objects)) if objects[i].colour != objects[j].colour]
-    if pairs and rng.random() < 0.6:
-        i, j = rng.choice(pairs)
+    colour_pairs = [(i, j) for i in range(len(objects)) for j in range(i + 1, len(objects)) if objects[i].colour != objects[j].colour]
+    choice = rng.random()
+    if colour_pairs and choice < 0.4:
+        i, j = rng.choice(colour_pairs)
         objects[i], objects[j] = (
             dataclasses.replace(objects[i], colour=objects[j].colour),
             dataclasses.replace(objects[j], colour=objects[i].colour),
         )
+    elif choice < 0.8:
+        corners = [(0.0, 0.0), (0.5, 0.0), (0.0, 0.5), (0.5, 0.5)]
+        empty = [c for c in corners if c not in {_corner(o) for o in objects}]
+        k = rng.randrange(len(objects))
+        # Swapping two look-alike objects would change nothing a caption can say.
+        partners = [i for i in range(len(objects)) if describe(objects[i]) != describe(objects[k])]
+        if partners and (not empty or rng.random() < 0.5):
+            j = rng.choice(partners)
+            corner_k, corner_j = _corner(objects[k]), _corner(objects[j])
+            objects[k], objects[j] = _moved(objects[k], corner_j), _moved(objects[j], corner_k)
+        else:
+            objects[k] = _moved(objects[k], rng.choice(empty))
     else:
         k = rng.randrange(len(objects))
         if rng.random() < 0.5:

@@ -84,6 +84,25 @@ def _checkpoint_keys(path: Path) -> list[str]:
         return list(handle.keys())
 
 
+def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLanguageModel) -> ShardDataModule:
+    """The stage's shards, read through its template, the model's tokenizer and image processor."""
+    sample_encoder = SampleEncoder(
+        TEMPLATES.build(as_dict(stage.template), f"{key}.template"),
+        model.tokenizer,
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        model.num_image_tokens,
+        cfg.data.max_length,
+    )
+    return ShardDataModule(
+        DATASETS.build(as_dict(stage.data), f"{key}.data"),
+        sample_encoder,
+        batch_size=stage.micro_batch_size,
+        num_workers=cfg.data.num_workers,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        seed=cfg.seed,
+    )
+
+
 def run_stage(
     cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None
 ) -> tuple[dict[str, Any], Path]:
@@ -96,26 +115,9 @@ def run_stage(
     trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
     trainable, total = count_parameters(model)
 
-    template = TEMPLATES.build(as_dict(stage.template), f"{key}.template")
-    source = DATASETS.build(as_dict(stage.data), f"{key}.data")
-    sample_encoder = SampleEncoder(
-        template,
-        model.tokenizer,
-        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
-        model.num_image_tokens,
-        cfg.data.max_length,
-    )
-    datamodule = ShardDataModule(
-        source,
-        sample_encoder,
-        batch_size=stage.micro_batch_size,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.seed,
-    )
-    trainer = build_trainer(
-        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, accumulate=1
-    )
+    datamodule = _stage_data(cfg, stage, key, model)
+    trainer = build_trainer(as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps)
+    # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = _accumulation(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
     lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log)

@@ -40,16 +40,13 @@ def build_strategy(strategy: Any, model: nn.Module) -> Any:
     )
 
 
-def build_trainer(
-    trainer_cfg: dict[str, Any], model: nn.Module, stage_dir: Path, max_epochs: int, max_steps: int, accumulate: int
-) -> L.Trainer:
+def build_trainer(trainer_cfg: dict[str, Any], model: nn.Module, stage_dir: Path, max_epochs: int, max_steps: int) -> L.Trainer:
     options = dict(trainer_cfg)
     options["strategy"] = build_strategy(options.get("strategy", "auto"), model)
     return L.Trainer(
         **options,
         max_epochs=max_epochs,
         max_steps=max_steps,
-        accumulate_grad_batches=accumulate,
         default_root_dir=str(stage_dir),
         logger=CSVLogger(str(stage_dir), name="", version=""),
         # Stage weights are written by the recipe as safetensors (trainable parameters only).

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,6 @@ class EvaluationResult:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]]
     table: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def write(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)

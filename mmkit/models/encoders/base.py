@@ -30,6 +30,8 @@ class VisionEncoder(nn.Module):
 
     hidden_size: int
     image_stats: ImageStats
+    num_patches: int
+    num_prefix_tokens: int  # CLS and register tokens ahead of the patches
 
     def __init__(self, layer: int, select: str, frozen: bool) -> None:
         super().__init__()
@@ -53,9 +55,6 @@ class VisionEncoder(nn.Module):
     def num_tokens(self) -> int:
         """How many feature vectors one image yields."""
         return self.num_patches + (self.num_prefix_tokens if self.select == "cls_patch" else 0)
-
-    num_patches: int
-    num_prefix_tokens: int
 
     def freeze(self) -> None:
         self.requires_grad_(False)

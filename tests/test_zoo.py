@@ -10,7 +10,9 @@ from conftest import run_cli
 from mmkit.errors import ConfigError
 from mmkit.synth.world import describe, generate_scenes, object_signature, quadrant
 from mmkit.zoo import ensure_model, model_folder, quality
+from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.zoo.clip import hard_negative
+from mmkit.zoo.text import conversations_as_text
 
 
 def test_models_are_cached_hf_folders_with_a_quality_report():
@@ -24,6 +26,16 @@ def test_models_are_cached_hf_folders_with_a_quality_report():
     # Even a few steps of pretraining beat the untrained model on held-out text by far.
     assert report["val_perplexity"] < report["val_perplexity_untrained"] / 5
     assert 0 <= quality("tiny-clip")["val_retrieval_top1_of_256"] <= 1
+    caption_qa = report["val_caption_qa_exact_match"]
+    assert set(caption_qa) == set(QUESTION_KINDS) and all(0 <= v <= 100 for v in caption_qa.values())
+
+
+def test_lm_text_puts_a_placed_caption_where_the_image_was_in_most_conversations():
+    conversations = conversations_as_text("train", 200, seed=5)
+    first_turns = [c[0]["value"] for c in conversations]
+    assert not any("<image>" in turn["value"] for c in conversations for turn in c)
+    with_context = [t for t in first_turns if " in the top " in t or " in the bottom " in t]
+    assert 0.6 < len(with_context) / len(first_turns) < 0.95  # CONTEXT_SHARE = 0.8, plus questions about places
 
 
 def test_tokenizer_ends_captions_with_an_eos_clip_can_pool_at():

@@ -29,7 +29,7 @@ def _builders() -> dict[str, tuple[int, Callable[[Path], None]]]:
         "tiny-tokenizer": (2, build_tokenizer),
         "tiny-clip": (3, build_tiny_clip),
         "tiny-clip-random": (2, build_tiny_clip_random),
-        "tiny-llama": (2, build_tiny_llama),
+        "tiny-llama": (3, build_tiny_llama),
     }
 
 

@@ -47,6 +47,41 @@ def _perplexity(model, sequences: list[torch.Tensor], pad_id: int) -> float:
     return math.exp(total_loss / total_tokens)
 
 
+def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
+    """Exact-match accuracy per question type when the LM is given a val scene's caption (with
+    every object's place) as text in place of the image: can it look the answer up in its prompt?
+    A VLM built on this LM can only do as well once image tokens stand in for the caption."""
+    from mmkit.data.templates.vicuna_v1 import VicunaV1Template
+    from mmkit.evaluation.synthetic import ask_about, normalise
+    from mmkit.datagen.rules import QUESTION_KINDS
+    from mmkit.synth.world import captions, generate_scenes
+
+    template = VicunaV1Template()
+    rng = random.Random(0)
+    questions = ask_about(generate_scenes("val", count, seed=3), QUESTION_KINDS, seed=3)
+    prompts = []
+    for question in questions:
+        caption = next(c for c in captions(question.scene, rng) if " in the " in c)
+        turn = {"from": "human", "value": f"{caption}\n{question.question}"}
+        prompts.append(template.encode([turn], tokenizer, num_image_tokens=0, for_generation=True).input_ids)
+    length = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), length), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, length - len(prompt) :] = torch.tensor(prompt)
+        attention_mask[row, length - len(prompt) :] = 1
+    with torch.no_grad():
+        generated = model.generate(
+            ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    hits: dict[str, list[bool]] = {}
+    for question, row in zip(questions, generated):
+        answer = tokenizer.decode(row[length:], skip_special_tokens=True)
+        hits.setdefault(question.kind, []).append(normalise(answer) == normalise(question.answer))
+    return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}
+
+
 def build_tiny_llama(out: Path) -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -82,5 +117,6 @@ def build_tiny_llama(out: Path) -> None:
         "pretraining": f"causal LM, {steps} steps x {BATCH} conversations of the world's text",
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
         "val_perplexity_untrained": round(initial_perplexity, 1),
+        "val_caption_qa_exact_match": _caption_qa_accuracy(model, tokenizer),
         "train_seconds": round(time.perf_counter() - started, 1),
     })

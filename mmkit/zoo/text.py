@@ -10,6 +10,8 @@ from mmkit.synth.llava_data import write_text_corpus
 # Tokenizer ids: eos must not be id 2, which CLIP's text tower treats as "pool at the largest id".
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "</s>"]
 VOCAB_SIZE = 768
+# Share of LM pretraining conversations that carry the scene as text where the image would be.
+CONTEXT_SHARE = 0.8
 
 
 def build_tokenizer(out: Path) -> None:
@@ -34,8 +36,13 @@ def build_tokenizer(out: Path) -> None:
 
 
 def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]:
-    """Image-free LLaVA conversations about ``count`` scenes of ``split`` (captions included as
-    one-turn descriptions), for pretraining the LM on the world's language."""
+    """LLaVA conversations about ``count`` scenes of ``split`` with the image replaced by text.
+
+    Most conversations give the scene as a caption that states every object's place, where the
+    image would be; the reply must then be read from that context, which is how the LM learns to
+    look things up in its prompt (as Vicuna can before LLaVA's stages). The rest carry no context
+    at all, so the LM also knows the world's priors and the replies' wording.
+    """
     from mmkit.datagen.base import build_teacher
     from mmkit.synth.llava_data import scene_rng
     from mmkit.synth.world import generate_scenes, symbolic_view
@@ -45,10 +52,13 @@ def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]
     for scene in generate_scenes(split, count, seed):
         rng = scene_rng(seed, scene)
         view = symbolic_view(scene, rng)
+        placed = [caption for caption in view["captions"] if " in the " in caption]
         for teacher in teachers:
             for written in teacher.write(view, rng):
-                conversations.append(
-                    [{"from": t["from"], "value": t["value"].replace("<image>", "").strip()} for t in written.conversation]
-                )
+                context = rng.choice(placed) if rng.random() < CONTEXT_SHARE else ""
+                conversations.append([
+                    {"from": t["from"], "value": t["value"].replace("<image>", context).strip()}
+                    for t in written.conversation
+                ])
     random.Random(seed).shuffle(conversations)
     return conversations

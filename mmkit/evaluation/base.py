@@ -1,13 +1,25 @@
-"""The interface of evaluators: a model in, flat metrics + per-item predictions + a table out."""
+"""The interface of evaluators: items to ask, then answers scored into flat metrics + a table.
+
+An evaluator never calls a model itself. ``items()`` says what to ask; the shared runner
+(:mod:`mmkit.evaluation.answers`) gets the answers, from a model or from an existing answer
+file, and ``score()`` turns them into metrics. So any system's outputs are scored by the same code.
+"""
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from mmkit.evaluation.generation import AnswerGenerator
+from mmkit.evaluation.generation import Prompt
 from mmkit.registry import EVALUATORS
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    question_id: str
+    prompt: Prompt
+    reference: Any  # whatever the evaluator needs to score this item's answer
 
 
 @dataclass
@@ -25,7 +37,11 @@ class EvaluationResult:
 
 
 class Evaluator:
-    def evaluate(self, generator: AnswerGenerator) -> EvaluationResult:
+    def items(self) -> list[EvalItem]:
+        raise NotImplementedError
+
+    def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
+        """Metrics from ``answers`` (question_id -> text); an item with no answer counts as wrong."""
         raise NotImplementedError
 
 

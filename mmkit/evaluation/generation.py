@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -16,7 +17,19 @@ from mmkit.models.vlm import VisionLanguageModel
 @dataclass(frozen=True)
 class Prompt:
     conversation: list[dict]  # LLaVA turns ending with the human turn to answer
-    image: Image.Image | None
+    image: Image.Image | Path | None  # a path is opened only when the prompt is answered
+
+    @property
+    def text(self) -> str:
+        """The question as asked: the last human turn."""
+        return str(self.conversation[-1]["value"])
+
+    def load_image(self) -> Image.Image | None:
+        if isinstance(self.image, Path):
+            from mmkit.data.images import decode_image
+
+            return decode_image(self.image.read_bytes())
+        return self.image
 
 
 class AnswerGenerator:
@@ -36,10 +49,19 @@ class AnswerGenerator:
 
     def answer(self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering") -> list[str]:
         answers: list[str] = []
-        starts = range(0, len(prompts), self.batch_size)
-        for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
-            answers += self._answer_batch(prompts[start : start + self.batch_size])
+        for _, texts in self.answer_batches(prompts, progress, desc):
+            answers += texts
         return answers
+
+    def answer_batches(
+        self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering"
+    ) -> Iterator[tuple[slice, list[str]]]:
+        """(which prompts, their answers) one batch at a time, so callers can save as they go."""
+        with tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress or not prompts) as bar:
+            for start in range(0, len(prompts), self.batch_size):
+                batch = slice(start, min(start + self.batch_size, len(prompts)))
+                yield batch, self._answer_batch(prompts[batch])
+                bar.update(batch.stop - batch.start)
 
     def _answer_batch(self, prompts: Sequence[Prompt]) -> list[str]:
         tokenizer = self.model.tokenizer
@@ -54,7 +76,7 @@ class AnswerGenerator:
         for row, ids in enumerate(encoded):
             input_ids[row, length - len(ids) :] = torch.tensor(ids)
             attention_mask[row, length - len(ids) :] = 1
-        images = [self.image_processor(p.image) for p in prompts if p.image is not None]
+        images = [self.image_processor(p.load_image()) for p in prompts if p.image is not None]
         pixel_values = torch.stack(images) if images else None
         device = next(self.model.parameters()).device
         generated = self.model.generate(

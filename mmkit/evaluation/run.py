@@ -1,4 +1,5 @@
-"""Run the configured evaluations on a model and write their results."""
+"""Run evaluators: get each item's answer (from a model, resumably, or from an answer file),
+score, write results.json / predictions.jsonl / table.md and print the table."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,8 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mmkit.data.images import ImageProcessor
+from mmkit.evaluation.answers import ANSWER_FILE, answer_items, read_answers
+from mmkit.evaluation.base import EvaluationResult, Evaluator
 from mmkit.evaluation.generation import AnswerGenerator
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
@@ -19,22 +22,48 @@ def check_evaluation(cfg: DictConfig) -> None:
         EVALUATORS.get(node.name, key=f"evaluation.tasks.{task}.name")
 
 
-def evaluate_model(cfg: DictConfig, model: VisionLanguageModel, out_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each task's flat metrics; results.json, predictions.jsonl and table.md under out_dir/<task>/."""
-    if not cfg.evaluation.tasks:
-        return {}
-    generator = AnswerGenerator(
+def build_generator(
+    cfg: DictConfig, model: VisionLanguageModel, batch_size: int, max_new_tokens: int
+) -> AnswerGenerator:
+    """Answers prompted with the template and image processing the model was trained with."""
+    return AnswerGenerator(
         model.eval(),
         TEMPLATES.build(as_dict(cfg.template), "template"),
         ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
-        batch_size=cfg.evaluation.batch_size,
-        max_new_tokens=cfg.evaluation.max_new_tokens,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
     )
+
+
+def run_task(
+    name: str,
+    evaluator: Evaluator,
+    out_dir: Path,
+    generator: AnswerGenerator | None = None,
+    predictions: Path | None = None,
+) -> EvaluationResult:
+    """Score ``evaluator``'s items answered by ``generator`` (kept in out_dir/answers.jsonl, so a
+    re-run resumes) or read from an existing answer file ``predictions``."""
+    items = evaluator.items()
+    if predictions is not None:
+        answers = read_answers(predictions)
+    elif generator is not None:
+        answers = answer_items(items, generator, out_dir / ANSWER_FILE, desc=name)
+    else:
+        raise ValueError("run_task needs a generator or a predictions file")
+    result = evaluator.score(items, answers)
+    result.write(out_dir)
+    print(f"\n{result.table}")
+    return result
+
+
+def evaluate_model(cfg: DictConfig, model: VisionLanguageModel, out_dir: Path) -> dict[str, dict[str, Any]]:
+    """Each configured task's flat metrics; its files under out_dir/<task>/."""
+    if not cfg.evaluation.tasks:
+        return {}
+    generator = build_generator(cfg, model, cfg.evaluation.batch_size, cfg.evaluation.max_new_tokens)
     results = {}
     for task, node in cfg.evaluation.tasks.items():
         evaluator = EVALUATORS.build(as_dict(node), f"evaluation.tasks.{task}")
-        result = evaluator.evaluate(generator)
-        result.write(out_dir / task)
-        print(f"\n{result.table}")
-        results[task] = result.metrics
+        results[task] = run_task(task, evaluator, out_dir / task, generator=generator).metrics
     return results

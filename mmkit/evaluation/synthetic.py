@@ -10,13 +10,13 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from torchmetrics.aggregation import MeanMetric
 
 from mmkit.datagen.rules import QUESTION_KINDS, ask
-from mmkit.evaluation.base import EvaluationResult, Evaluator
-from mmkit.evaluation.generation import AnswerGenerator, Prompt
+from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
+from mmkit.evaluation.generation import Prompt
 from mmkit.registry import EVALUATORS
 from mmkit.synth.world import Scene, generate_scenes, render
 
@@ -74,29 +74,35 @@ class SyntheticEvaluator(Evaluator):
             by_kind[question.kind][normalise(question.answer)] += 1
         return {kind: counts.most_common(1)[0][0] for kind, counts in by_kind.items() if counts}
 
-    def evaluate(self, generator: AnswerGenerator) -> EvaluationResult:
-        questions = self.questions()
-        prompts = [
-            Prompt([{"from": "human", "value": f"<image>\n{q.question}"}], render(q.scene, self.resolution))
-            for q in questions
+    def items(self) -> list[EvalItem]:
+        return [
+            EvalItem(
+                f"{q.scene.scene_id}/{q.kind}",
+                Prompt([{"from": "human", "value": f"<image>\n{q.question}"}], render(q.scene, self.resolution)),
+                q,
+            )
+            for q in self.questions()
         ]
-        answers = generator.answer(prompts, desc=f"synthetic {self.split}")
+
+    def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         blind = self.blind_answers()
         # One process scores every answer: no cross-rank sync, even inside a DDP run.
         model_acc = {kind: MeanMetric(sync_on_compute=False) for kind in ("all", *self.kinds)}
         blind_acc = {kind: MeanMetric(sync_on_compute=False) for kind in ("all", *self.kinds)}
         predictions = []
-        for question, answer in zip(questions, answers):
-            correct = float(normalise(answer) == normalise(question.answer))
+        for item in items:
+            question: Question = item.reference
+            answer = answers.get(item.question_id)
+            correct = float(answer is not None and normalise(answer) == normalise(question.answer))
             blind_correct = float(blind.get(question.kind) == normalise(question.answer))
             for kind in ("all", question.kind):
                 model_acc[kind].update(correct)
                 blind_acc[kind].update(blind_correct)
             predictions.append({
-                "scene": question.scene.scene_id, "kind": question.kind, "question": question.question,
+                "question_id": item.question_id, "kind": question.kind, "question": question.question,
                 "answer": question.answer, "prediction": answer, "correct": bool(correct),
             })
-        counts = Counter(q.kind for q in questions)
+        counts = Counter(item.reference.kind for item in items)
         metrics: dict[str, float] = {}
         for kind in ("all", *self.kinds):
             if kind != "all" and not counts[kind]:
@@ -104,7 +110,7 @@ class SyntheticEvaluator(Evaluator):
             suffix = "" if kind == "all" else f"_{kind}"
             metrics[f"acc{suffix}"] = round(100 * float(model_acc[kind].compute()), 2)
             metrics[f"blind_acc{suffix}"] = round(100 * float(blind_acc[kind].compute()), 2)
-        return EvaluationResult(metrics, predictions, self._table(metrics, counts, len(questions)))
+        return EvaluationResult(metrics, predictions, self._table(metrics, counts, len(items)))
 
     def _table(self, metrics: dict[str, float], counts: Counter, total: int) -> str:
         lines = [

@@ -1,0 +1,75 @@
+"""Evaluate a trained model, or score another system's answers, on a benchmark task.
+
+    python -m mmkit.evaluate task=synthetic model=outputs/2026-11-26/12-00-00
+    python -m mmkit.evaluate task=scienceqa model=RUN data_dir=ScienceQA/data/scienceqa
+    python -m mmkit.evaluate task=scienceqa predictions=answers.jsonl data_dir=ScienceQA/data/scienceqa
+
+A model's answers go to ``<out_dir>/answers.jsonl`` as they are made, so re-running the same
+command after an interruption answers only what is left.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from mmkit.config import CONF_DIR, check_group_choices
+from mmkit.errors import ConfigError, MmkitError
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r}: {exc}") from None
+
+
+def evaluate(cfg: DictConfig) -> dict[str, float]:
+    from mmkit.evaluation.run import build_generator, run_task
+    from mmkit.models.build import as_dict
+    from mmkit.registry import EVALUATORS, load_components
+
+    load_components()
+    evaluator = EVALUATORS.build(as_dict(cfg.task), "task")
+    if (cfg.model is None) == (cfg.predictions is None):
+        raise ConfigError("give exactly one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
+    if cfg.predictions is not None:
+        out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
+        return run_task(cfg.task.name, evaluator, out_dir, predictions=Path(cfg.predictions)).metrics
+    from mmkit.models.load import load_run
+
+    train_cfg, model = load_run(cfg.model)
+    model.to(_device(cfg.device))
+    generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
+    out_dir = Path(cfg.out_dir or Path(cfg.model) / "eval" / cfg.task.name)
+    result = run_task(cfg.task.name, evaluator, out_dir, generator=generator)
+    print(f"results: {out_dir / 'results.json'}")
+    return result.metrics
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except MmkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    try:
+        check_group_choices([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

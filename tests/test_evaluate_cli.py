@@ -1,0 +1,50 @@
+"""The offline evaluation path: train the default model, then score it with python -m mmkit.evaluate."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import TINY_RUN, run_cli
+
+EVALUATE = ["-m", "mmkit.evaluate"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli(["-m", "mmkit.train", *[o for o in TINY_RUN if not o.startswith("evaluation.")], "evaluation=none",
+                      f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_synthetic_and_scienceqa_run_on_a_trained_model_and_resume(trained_run):
+    synthetic = run_cli(EVALUATE + ["task=synthetic", f"model={trained_run}", "task.count=6"])
+    assert synthetic.returncode == 0, synthetic.stderr[-3000:]
+    assert "| overall |" in synthetic.stdout
+    results = json.loads((trained_run / "eval" / "synthetic" / "results.json").read_text())
+    assert 0 <= results["acc"] <= 100 and "blind_acc" in results
+
+    # The offline ScienceQA path: mmkit's synthetic ScienceQA-format set, answered by the model.
+    scienceqa = run_cli(EVALUATE + ["task=scienceqa", f"model={trained_run}", "task.limit=10", "max_new_tokens=16"])
+    assert scienceqa.returncode == 0, scienceqa.stderr[-3000:]
+    out = trained_run / "eval" / "scienceqa"
+    answers = (out / "answers.jsonl").read_text().splitlines()
+    assert len(answers) == 10 and {"question_id", "prompt", "text"} <= set(json.loads(answers[0]))
+    metrics = json.loads((out / "results.json").read_text())
+    assert {"acc", "acc_NAT", "lenient_acc", "unparsed_official"} <= set(metrics)
+
+    # Re-running the same command answers nothing again; a larger limit answers only the new items.
+    again = run_cli(EVALUATE + ["task=scienceqa", f"model={trained_run}", "task.limit=12", "max_new_tokens=16"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "10 of 12 items answered already" in again.stdout
+    assert len((out / "answers.jsonl").read_text().splitlines()) == 12
+
+
+@pytest.mark.slow
+def test_bad_model_folder_is_one_line(tmp_path):
+    result = run_cli(EVALUATE + ["task=synthetic", f"model={tmp_path}"])
+    assert result.returncode == 2 and "not an mmkit run folder" in result.stderr and "Traceback" not in result.stderr

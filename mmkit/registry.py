@@ -148,6 +148,7 @@ TEMPLATES: Registry = Registry("template")
 DATASETS: Registry = Registry("dataset")
 EVALUATORS: Registry = Registry("evaluator")
 TEACHERS: Registry = Registry("teacher")
+JUDGES: Registry = Registry("judge")
 
 
 def plugin_entry_points() -> list[Any]:

@@ -85,6 +85,7 @@ class FakeChatServer:
         delay_s: float = 0.0,
         reply: ReplyHook | None = None,
         finish_reason: str = "stop",
+        respond: Callable[[list[dict[str, Any]]], str] | None = None,
     ) -> None:
         self.api_key = api_key  # None: no key is checked
         self.fail_first = fail_first
@@ -94,6 +95,7 @@ class FakeChatServer:
         self.delay_s = delay_s
         self.reply = reply
         self.finish_reason = finish_reason
+        self.respond = respond  # messages -> reply text, for requests that are not teacher prompts (judges)
         self.requests = 0
         self.authorizations: list[str | None] = []
         self.types: list[str] = []
@@ -172,15 +174,18 @@ class FakeChatServer:
                     model = request["model"]
                 except (ValueError, KeyError, TypeError):
                     return self._error(400, "malformed request body")
-                response_type = next((t for t, p in SYSTEM_PROMPTS.items() if messages[0]["content"] == p), None)
-                if response_type is None:
-                    return self._error(400, "unknown system prompt")
-                with server._lock:
-                    server.types.append(response_type)
-                objects = scene_objects(messages[-1]["content"])
-                text = server.reply(response_type, objects) if server.reply else None
-                if text is None:
-                    text = reply_for(response_type, objects)
+                if server.respond is not None:
+                    text = server.respond(messages)
+                else:
+                    response_type = next((t for t, p in SYSTEM_PROMPTS.items() if messages[0]["content"] == p), None)
+                    if response_type is None:
+                        return self._error(400, "unknown system prompt")
+                    with server._lock:
+                        server.types.append(response_type)
+                    objects = scene_objects(messages[-1]["content"])
+                    text = server.reply(response_type, objects) if server.reply else None
+                    if text is None:
+                        text = reply_for(response_type, objects)
                 self._send(200, {
                     "id": f"chatcmpl-{number}",
                     "object": "chat.completion",

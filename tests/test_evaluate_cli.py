@@ -45,6 +45,15 @@ def test_synthetic_and_scienceqa_run_on_a_trained_model_and_resume(trained_run):
 
 
 @pytest.mark.slow
+def test_llava_bench_with_the_rules_judge_runs_on_a_trained_model(trained_run):
+    result = run_cli(EVALUATE + ["task=llava_bench", f"model={trained_run}", "task.limit=6", "max_new_tokens=24"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((trained_run / "eval" / "llava_bench" / "results.json").read_text())
+    assert 0 < metrics["relative"] <= 100 and metrics["judge"].startswith("rules") and metrics["judge_failures"] == 0
+    assert "| overall |" in result.stdout
+
+
+@pytest.mark.slow
 def test_bad_model_folder_is_one_line(tmp_path):
     result = run_cli(EVALUATE + ["task=synthetic", f"model={tmp_path}"])
     assert result.returncode == 2 and "not an mmkit run folder" in result.stderr and "Traceback" not in result.stderr

@@ -9,7 +9,7 @@ Every run is a real ``python -m mmkit.train`` subprocess with the variant's over
 exists is not repeated, so an interrupted sweep resumes. The default config *is* the
 ``mlp2x_gelu`` and ``encoder.layer=-2`` arm, so those rows reuse the ``full`` runs.
 Writes ``experiments/ablations.md`` (mean and spread per question type) and
-``experiments/ablations.png`` (needs matplotlib: ``pip install -e '.[experiments]'``).
+``experiments/ablations.png`` (a PNG).
 """
 from __future__ import annotations
 
@@ -109,14 +109,11 @@ def write_table(found: dict[str, list[dict[str, float]]], path: Path) -> None:
 
 
 def write_plot(found: dict[str, list[dict[str, float]]], path: Path) -> None:
-    try:
-        import matplotlib
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed (pip install -e '.[experiments]'): no plot written", file=sys.stderr)
-        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     any_metrics = next(iter(found.values()))[0]
     kinds = ["overall", *question_kinds(any_metrics)]
     rows = [(label, found[variant]) for label, variant in ROWS if variant in found]

@@ -8,6 +8,7 @@ import mmkit.data.templates.plain  # noqa: F401
 import mmkit.data.templates.vicuna_v1  # noqa: F401
 import mmkit.datagen.caption  # noqa: F401
 import mmkit.datagen.rules  # noqa: F401
+import mmkit.evaluation.bias  # noqa: F401
 import mmkit.evaluation.judges  # noqa: F401
 import mmkit.evaluation.llava_bench  # noqa: F401
 import mmkit.evaluation.scienceqa  # noqa: F401

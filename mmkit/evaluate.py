@@ -41,7 +41,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("give exactly one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
     if cfg.predictions is not None:
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
-        return run_task(cfg.task.name, evaluator, out_dir, predictions=Path(cfg.predictions)).metrics
+        predictions = Path(cfg.predictions)
+        if cfg.ensemble.method is not None:
+            predictions = _ensemble(cfg, evaluator, predictions, out_dir)
+        return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions).metrics
+    if cfg.ensemble.method is not None:
+        raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
     from mmkit.models.load import load_run
 
     train_cfg, model = load_run(cfg.model)
@@ -51,6 +56,21 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     result = run_task(cfg.task.name, evaluator, out_dir, generator=generator)
     print(f"results: {out_dir / 'results.json'}")
     return result.metrics
+
+
+def _ensemble(cfg: DictConfig, evaluator, first: Path, out_dir: Path) -> Path:
+    from mmkit.evaluation.answers import read_answers
+    from mmkit.evaluation.ensemble import combine, write_answers
+    from mmkit.models.build import as_dict
+
+    if cfg.ensemble.get("with") is None:
+        raise ConfigError("ensemble.with: name the second answer file (B) to combine with predictions= (A)")
+    items = evaluator.items()
+    judge = as_dict(cfg.ensemble.judge) if cfg.ensemble.get("judge") else None
+    answers, counts = combine(cfg.ensemble.method, evaluator, items, read_answers(first),
+                              read_answers(Path(cfg.ensemble["with"])), judge)
+    print(f"ensemble {cfg.ensemble.method}: " + ", ".join(f"{key} {value}" for key, value in counts.items()))
+    return write_answers(out_dir / f"answers_{cfg.ensemble.method}.jsonl", items, answers)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")

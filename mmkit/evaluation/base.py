@@ -44,5 +44,14 @@ class Evaluator:
         """Metrics from ``answers`` (question_id -> text); an item with no answer counts as wrong."""
         raise NotImplementedError
 
+    def answer_key(self, item: EvalItem, text: str) -> str | None:
+        """What an answer says, for comparing two sources (ensembles); None if it says nothing valid."""
+        key = " ".join(text.lower().split()).strip(" .!?")
+        return key or None
+
+    def plot(self, result: EvaluationResult, path: Path) -> Path | None:
+        """Evaluators whose results read better as a figure write one to ``path``."""
+        return None
+
 
 EVALUATORS.set_base(Evaluator)

@@ -54,6 +54,9 @@ def run_task(
     result = evaluator.score(items, answers)
     result.write(out_dir)
     print(f"\n{result.table}")
+    figure = evaluator.plot(result, out_dir / "plot.png")
+    if figure is not None:
+        print(f"plot: {figure}")
     return result
 
 

@@ -59,6 +59,10 @@ class ScienceQAEvaluator(Evaluator):
             items.append(EvalItem(problem.pid, Prompt([{"from": "human", "value": text}], image), problem))
         return items
 
+    def answer_key(self, item: EvalItem, text: str) -> str | None:
+        choice = parse_answer(text, len(item.reference.choices), "official")
+        return None if choice is None else "ABCDE"[choice]
+
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         hits = {mode: defaultdict(list) for mode in PARSE_MODES}
         unparsed = dict.fromkeys(PARSE_MODES, 0)

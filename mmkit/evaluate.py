@@ -9,16 +9,14 @@ command after an interruption answers only what is left.
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from mmkit.config import CONF_DIR, check_group_choices
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.cli import hydra_command
+from mmkit.errors import ConfigError
 
 
 def _device(name: str) -> torch.device:
@@ -73,22 +71,7 @@ def _ensemble(cfg: DictConfig, evaluator, first: Path, out_dir: Path) -> Path:
     return write_answers(out_dir / f"answers_{cfg.ensemble.method}.jsonl", items, answers)
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="evaluate", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except MmkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_group_choices([arg for arg in sys.argv[1:] if not arg.startswith("-")])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = hydra_command("evaluate", evaluate)
 
 
 if __name__ == "__main__":

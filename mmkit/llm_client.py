@@ -13,6 +13,7 @@ llama.cpp server, mmkit's own ``mmkit.serve``. Only the standard library is used
 from __future__ import annotations
 
 import hashlib
+import inspect
 import http.client
 import json
 import os
@@ -25,7 +26,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from mmkit.errors import ConfigError, DataError
 
@@ -91,6 +92,18 @@ class ChatClient:
         self._lock = threading.Lock()
         self.requests_sent = 0  # HTTP requests actually made (cache hits are not requests)
         self.cache_hits = 0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any], key: str, **defaults: Any) -> "ChatClient":
+        """A client from config options (``defaults`` fill what they leave out); an unknown option
+        is a ConfigError naming ``key.<option>``."""
+        accepted = set(inspect.signature(cls).parameters) - {"key"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"{key}.{unknown[0]}: not an option of an OpenAI-compatible client; use {', '.join(sorted(accepted))}"
+            )
+        return cls(**{**defaults, **options}, key=key)
 
     def stats(self) -> dict[str, int]:
         return {"requests sent": self.requests_sent, "replies from the cache": self.cache_hits}

@@ -9,17 +9,15 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from mmkit.config import CONF_DIR, check_group_choices
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.cli import hydra_command
+from mmkit.errors import ConfigError
 from mmkit.provenance import git_state, library_versions
 
 
@@ -77,22 +75,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
         )
 
 
-@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        train(cfg)
-    except MmkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-def main() -> None:
-    try:
-        check_group_choices([arg for arg in sys.argv[1:] if not arg.startswith("-")])
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    _hydra_main()
+main = hydra_command("config", train)
 
 
 if __name__ == "__main__":

@@ -41,26 +41,12 @@ class OpenAITeacher(Teacher):
         {"api_key_env", "concurrency", "max_retries", "backoff_s", "timeout_s", "cache_dir"}
     )
 
-    def __init__(
-        self,
-        base_url: str = "https://api.openai.com/v1",
-        model: str | None = None,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        types: str | Sequence[str] = RESPONSE_TYPES,
-        temperature: float = 0.7,
-        max_tokens: int = 1024,
-        concurrency: int = 4,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        timeout_s: float = 60.0,
-        cache_dir: str | Path | None = None,
-    ) -> None:
+    def __init__(self, types: str | Sequence[str] = RESPONSE_TYPES, **options: Any) -> None:
+        """``options``: those of :class:`mmkit.llm_client.ChatClient` (base_url, model,
+        api_key_env, temperature, max_tokens, concurrency, max_retries, backoff_s, timeout_s,
+        cache_dir)."""
         self.types = response_types(types, key="teacher.types")
-        self.client = ChatClient(
-            base_url=base_url, model=model, api_key_env=api_key_env, temperature=temperature,
-            max_tokens=max_tokens, concurrency=concurrency, max_retries=max_retries, backoff_s=backoff_s,
-            timeout_s=timeout_s, cache_dir=cache_dir, key="teacher",
-        )
+        self.client = ChatClient.from_options(options, "teacher")
 
     # -----------------------------------------------------------------------------------------
     # Teacher interface

@@ -115,8 +115,7 @@ class OpenAIBiasJudge:
     def __init__(self, **options: Any) -> None:
         from mmkit.llm_client import ChatClient
 
-        options.setdefault("temperature", 0.0)
-        self.client = ChatClient(**options, key="task.judge")
+        self.client = ChatClient.from_options(options, "task.judge", temperature=0.0, max_tokens=64)
         self.name = f"{self.client.model} at {self.client.base_url}"
 
     def label(self, probes: Sequence[Probe], answers: Sequence[str]) -> list[Label | None]:

@@ -81,8 +81,7 @@ def _judge_disputes(disputes, first, second, combined, counts, judge) -> None:
     options = dict(judge or {})
     if not options.get("model"):
         raise ConfigError("ensemble.judge.model: name the chat model that settles disagreements")
-    options.setdefault("temperature", 0.0)
-    client = ChatClient(**options, key="ensemble.judge")
+    client = ChatClient.from_options(options, "ensemble.judge", temperature=0.0, max_tokens=128)
 
     def choose(item: EvalItem) -> int | None:
         text = CHOOSER_TEMPLATE.format(question=item.prompt.text.replace("<image>", "").strip(),

@@ -15,7 +15,6 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 from mmkit.errors import DataError
@@ -96,26 +95,12 @@ def review_messages(review: Review) -> list[dict[str, str]]:
 
 @JUDGES.register("openai")
 class OpenAIJudge(Judge):
-    def __init__(
-        self,
-        base_url: str = "https://api.openai.com/v1",
-        model: str | None = None,
-        api_key_env: str | None = "OPENAI_API_KEY",
-        temperature: float = 0.2,
-        max_tokens: int = 512,
-        concurrency: int = 4,
-        max_retries: int = 5,
-        backoff_s: float = 1.0,
-        timeout_s: float = 60.0,
-        cache_dir: str | Path | None = None,
-    ) -> None:
+    def __init__(self, **options: Any) -> None:
+        """Options of :class:`mmkit.llm_client.ChatClient` (base_url, model, api_key_env, ...);
+        a judge samples at temperature 0.2 unless told otherwise, as LLaVA's reviews did."""
         from mmkit.llm_client import ChatClient
 
-        self.client = ChatClient(
-            base_url=base_url, model=model, api_key_env=api_key_env, temperature=temperature, max_tokens=max_tokens,
-            concurrency=concurrency, max_retries=max_retries, backoff_s=backoff_s, timeout_s=timeout_s,
-            cache_dir=cache_dir, key="task.judge",
-        )
+        self.client = ChatClient.from_options(options, "task.judge", temperature=0.2, max_tokens=512)
         self.name = f"{self.client.model} at {self.client.base_url}"
         self.failures: list[str] = []
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from mmkit.datagen.base import (

@@ -54,6 +54,16 @@ def test_llava_bench_with_the_rules_judge_runs_on_a_trained_model(trained_run):
 
 
 @pytest.mark.slow
+def test_bias_probes_with_and_without_images_run_on_a_trained_model(trained_run):
+    result = run_cli(EVALUATE + ["task=bias", f"model={trained_run}", "max_new_tokens=12"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = trained_run / "eval" / "bias"
+    metrics = json.loads((out / "results.json").read_text())
+    assert 0 <= metrics["sas"] <= 100 and metrics["missing"] == 0 and (out / "plot.png").is_file()
+    assert "| overall |" in result.stdout
+
+
+@pytest.mark.slow
 def test_bad_model_folder_is_one_line(tmp_path):
     result = run_cli(EVALUATE + ["task=synthetic", f"model={tmp_path}"])
     assert result.returncode == 2 and "not an mmkit run folder" in result.stderr and "Traceback" not in result.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
 from conftest import run_cli
@@ -70,3 +71,12 @@ def test_zoo_cli_lists_models_with_quality():
     result = run_cli(["-m", "mmkit.zoo", "list"], timeout=120)
     assert result.returncode == 0
     assert "tiny-llama" in result.stdout and "cached" in result.stdout and "val_perplexity" in result.stdout
+
+
+def test_building_a_model_leaves_the_callers_random_state_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    ensure_model("tiny-clip-random")  # built now: its builder seeds torch itself
+    assert torch.equal(torch.rand(4), expected)

@@ -68,7 +68,20 @@ def ensure_model(name: str) -> Path:
     builders = _builders()
     if name not in builders:
         raise ConfigError(f"zoo://{name}: unknown zoo model; available: {', '.join(sorted(builders))}")
-    return build_once(model_folder(name), builders[name][1])
+    return build_once(model_folder(name), _keeping_random_state(builders[name][1]))
+
+
+def _keeping_random_state(builder: Callable[[Path], None]) -> Callable[[Path], None]:
+    """Builders seed torch for their own reproducibility; the caller's random state must not move,
+    so a run seeded before its zoo models were built trains exactly like one that found them cached."""
+
+    def build(out: Path) -> None:
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            builder(out)
+
+    return build
 
 
 def quality(name: str) -> dict[str, Any] | None:

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmkit.errors import ConfigError, DataError
+from mmkit.data.datasets.base import given_or_built
 from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import Prompt
 from mmkit.evaluation.judges import Judge, Review
+from mmkit.synth.llava_bench import synthetic_llava_bench_dir
 from mmkit.registry import EVALUATORS, JUDGES
 
 CATEGORIES = ("conv", "detail", "complex")
@@ -61,21 +63,14 @@ class LlavaBenchEvaluator(Evaluator):
         if runs < 1:
             raise ConfigError(f"task.runs={runs}: at least one judge run")
         self.judge: Judge = JUDGES.build(dict(judge or {"name": "rules"}), "task.judge")
-        self.data_dir = Path(data_dir) if data_dir else None
+        self.data_dir = data_dir
         self.runs = runs
         self.files = {"questions": questions, "context": context, "references": references}
         self.images = images
         self.limit = limit
 
-    def _data_dir(self) -> Path:
-        if self.data_dir is None:
-            from mmkit.synth.llava_bench import synthetic_llava_bench_dir
-
-            self.data_dir = synthetic_llava_bench_dir()
-        return self.data_dir
-
     def items(self) -> list[EvalItem]:
-        data_dir = self._data_dir()
+        data_dir = given_or_built(self.data_dir, synthetic_llava_bench_dir)
         questions = read_jsonl(data_dir / self.files["questions"])[: self.limit]
         contexts = {r["image"]: context_text(r) for r in read_jsonl(data_dir / self.files["context"])}
         references = {str(r["question_id"]): r["text"] for r in read_jsonl(data_dir / self.files["references"])}

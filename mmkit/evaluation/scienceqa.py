@@ -8,12 +8,13 @@ answer that does not parse, or is missing, is wrong: never a random guess.
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 from typing import Mapping, Sequence
 
 from mmkit.data.scienceqa import PARSE_MODES, load_problems, image_path, parse_answer, prompt_text, split_format
+from mmkit.data.datasets.base import given_or_built
 from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import Prompt
+from mmkit.synth.scienceqa import synthetic_scienceqa_dir
 from mmkit.registry import EVALUATORS
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1_6", "G7_12")
@@ -33,20 +34,13 @@ class ScienceQAEvaluator(Evaluator):
     ) -> None:
         """``data_dir=None`` uses mmkit's synthetic ScienceQA-format set (built once, cached)."""
         self.input_format, _ = split_format(prompt_format, "task.prompt_format")
-        self.data_dir = Path(data_dir) if data_dir else None
+        self.data_dir = data_dir
         self.split = split
         self.single_pred_prompt = single_pred_prompt
         self.limit = limit
 
-    def _data_dir(self) -> Path:
-        if self.data_dir is None:
-            from mmkit.synth.scienceqa import synthetic_scienceqa_dir
-
-            self.data_dir = synthetic_scienceqa_dir()
-        return self.data_dir
-
     def items(self) -> list[EvalItem]:
-        data_dir = self._data_dir()
+        data_dir = given_or_built(self.data_dir, synthetic_scienceqa_dir)
         problems = load_problems(data_dir, self.split)[: self.limit]
         items = []
         for problem in problems:

@@ -68,6 +68,11 @@ class DatasetSource:
         raise NotImplementedError
 
 
+def given_or_built(path: str | Path | None, build: Callable[[], Path]) -> Path:
+    """``path`` when one is configured, else the synthetic stand-in ``build()`` makes (cached)."""
+    return Path(path) if path else build()
+
+
 def cache_folder(kind: str, identity: dict[str, Any]) -> Path:
     """A folder named after a hash of everything that determines its contents."""
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]

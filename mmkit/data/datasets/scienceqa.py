@@ -5,10 +5,11 @@ import json
 import shutil
 from pathlib import Path
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder
+from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder, given_or_built
 from mmkit.data.scienceqa import image_path, llava_record, load_problems, split_format
 from mmkit.data.shards import convert_llava_json
 from mmkit.registry import DATASETS
+from mmkit.synth.scienceqa import synthetic_scienceqa_dir
 
 
 def write_llava_json(data_dir: Path, split: str, prompt_format: str, out: Path) -> tuple[Path, Path]:
@@ -36,25 +37,22 @@ class ScienceQADataset(DatasetSource):
     ) -> None:
         """``data_dir=None`` uses mmkit's synthetic ScienceQA-format set."""
         split_format(prompt_format, "data.prompt_format")
-        self.data_dir = Path(data_dir) if data_dir else None
+        self.data_dir = data_dir
         self.split = split
         self.prompt_format = prompt_format
         self.samples_per_shard = samples_per_shard
 
     def shard_set(self) -> ShardSet:
-        if self.data_dir is None:
-            from mmkit.synth.scienceqa import synthetic_scienceqa_dir
-
-            self.data_dir = synthetic_scienceqa_dir()
-        problems = self.data_dir / "problems.json"
+        data_dir = given_or_built(self.data_dir, synthetic_scienceqa_dir)
+        problems = data_dir / "problems.json"
         stat = problems.stat() if problems.is_file() else None
         folder = cache_folder("scienceqa", {
-            "data_dir": str(self.data_dir.resolve()), "mtime": stat and stat.st_mtime_ns, "split": self.split,
+            "data_dir": str(data_dir.resolve()), "mtime": stat and stat.st_mtime_ns, "split": self.split,
             "format": self.prompt_format, "per_shard": self.samples_per_shard,
         })
 
         def build(out: Path) -> None:
-            json_path, images = write_llava_json(self.data_dir, self.split, self.prompt_format, out / "raw")
+            json_path, images = write_llava_json(data_dir, self.split, self.prompt_format, out / "raw")
             convert_llava_json(json_path, images, out, self.samples_per_shard)
 
         build_once(folder, build)

@@ -39,10 +39,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise ConfigError("give exactly one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
     if cfg.predictions is not None:
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
-        predictions = Path(cfg.predictions)
+        predictions, items = Path(cfg.predictions), evaluator.items()
         if cfg.ensemble.method is not None:
-            predictions = _ensemble(cfg, evaluator, predictions, out_dir)
-        return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions).metrics
+            predictions = _ensemble(cfg, evaluator, items, predictions, out_dir)
+        return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions, items=items).metrics
     if cfg.ensemble.method is not None:
         raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
     from mmkit.models.load import load_run
@@ -56,14 +56,13 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return result.metrics
 
 
-def _ensemble(cfg: DictConfig, evaluator, first: Path, out_dir: Path) -> Path:
+def _ensemble(cfg: DictConfig, evaluator, items, first: Path, out_dir: Path) -> Path:
     from mmkit.evaluation.answers import read_answers
     from mmkit.evaluation.ensemble import combine, write_answers
     from mmkit.models.build import as_dict
 
     if cfg.ensemble.get("with") is None:
         raise ConfigError("ensemble.with: name the second answer file (B) to combine with predictions= (A)")
-    items = evaluator.items()
     judge = as_dict(cfg.ensemble.judge) if cfg.ensemble.get("judge") else None
     answers, counts = combine(cfg.ensemble.method, evaluator, items, read_answers(first),
                               read_answers(Path(cfg.ensemble["with"])), judge)

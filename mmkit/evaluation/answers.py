@@ -19,24 +19,20 @@ from mmkit.evaluation.generation import AnswerGenerator
 ANSWER_FILE = "answers.jsonl"
 
 
-def read_answers(path: Path, strict: bool = True) -> dict[str, str]:
-    """question_id -> answer text. With ``strict=False`` a torn last line (a crash mid-write) is
-    ignored; any other bad line raises DataError naming the file and line."""
+def read_answers(path: Path, missing_ok: bool = False) -> dict[str, str]:
+    """question_id -> answer text; a bad line raises DataError naming the file and line."""
     answers: dict[str, str] = {}
     if not path.is_file():
-        if strict:
-            raise DataError(f"predictions={path}: no such file")
-        return answers
-    lines = path.read_text().splitlines()
-    for number, line in enumerate(lines, start=1):
+        if missing_ok:
+            return answers
+        raise DataError(f"predictions={path}: no such file")
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
             answers[str(record["question_id"])] = str(record["text"])
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            if not strict and number == len(lines):
-                break
             raise DataError(
                 f"{path}:{number}: not an answer-file line (JSON with question_id and text): {exc}"
             ) from None
@@ -47,8 +43,8 @@ def answer_items(
     items: Sequence[EvalItem], generator: AnswerGenerator, path: Path, desc: str = "answering"
 ) -> dict[str, str]:
     """Answers to every item: those already in ``path`` are kept, the rest generated and appended."""
-    answers = read_answers(path, strict=False)
-    _drop_torn_tail(path, answers)
+    _drop_torn_tail(path)
+    answers = read_answers(path, missing_ok=True)
     missing = [item for item in items if item.question_id not in answers]
     if len(missing) < len(items):
         print(f"{desc}: {len(items) - len(missing)} of {len(items)} items answered already ({path})")
@@ -64,17 +60,8 @@ def answer_items(
     return answers
 
 
-def _drop_torn_tail(path: Path, answers: dict[str, str]) -> None:
-    """Rewrite ``path`` with only its complete lines, so appends never follow a torn one."""
-    if not path.is_file() or path.read_text().endswith("\n") or not path.read_text():
-        return
-    kept = [line for line in path.read_text().splitlines() if _is_complete(line)]
-    path.write_text("".join(line + "\n" for line in kept))
-
-
-def _is_complete(line: str) -> bool:
-    try:
-        json.loads(line)
-    except json.JSONDecodeError:
-        return False
-    return True
+def _drop_torn_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-write) off ``path``, so appends never follow it."""
+    text = path.read_text() if path.is_file() else ""
+    if text and not text.endswith("\n"):
+        path.write_text(text[: text.rfind("\n") + 1])

@@ -3,13 +3,13 @@ score, write results.json / predictions.jsonl / table.md and print the table."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
 from mmkit.data.images import ImageProcessor
 from mmkit.evaluation.answers import ANSWER_FILE, answer_items, read_answers
-from mmkit.evaluation.base import EvaluationResult, Evaluator
+from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import AnswerGenerator
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
@@ -41,10 +41,11 @@ def run_task(
     out_dir: Path,
     generator: AnswerGenerator | None = None,
     predictions: Path | None = None,
+    items: Sequence[EvalItem] | None = None,
 ) -> EvaluationResult:
     """Score ``evaluator``'s items answered by ``generator`` (kept in out_dir/answers.jsonl, so a
     re-run resumes) or read from an existing answer file ``predictions``."""
-    items = evaluator.items()
+    items = evaluator.items() if items is None else items
     if predictions is not None:
         answers = read_answers(predictions)
     elif generator is not None:

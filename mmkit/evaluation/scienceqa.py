@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from mmkit.data.scienceqa import PARSE_MODES, load_problems, image_path, parse_answer, prompt_text, split_format
+from mmkit.data.scienceqa import OPTION_LETTERS, PARSE_MODES, load_problems, image_path, parse_answer, prompt_text, split_format
 from mmkit.data.datasets.base import given_or_built
 from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import Prompt
@@ -55,7 +55,7 @@ class ScienceQAEvaluator(Evaluator):
 
     def answer_key(self, item: EvalItem, text: str) -> str | None:
         choice = parse_answer(text, len(item.reference.choices), "official")
-        return None if choice is None else "ABCDE"[choice]
+        return None if choice is None else OPTION_LETTERS[choice]
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         hits = {mode: defaultdict(list) for mode in PARSE_MODES}
@@ -71,7 +71,7 @@ class ScienceQAEvaluator(Evaluator):
                 correct = choice == problem.answer
                 for column in ("all", *problem.columns()):
                     hits[mode][column].append(correct)
-                record[f"{mode}_choice"] = None if choice is None else "ABCDE"[choice]
+                record[f"{mode}_choice"] = None if choice is None else OPTION_LETTERS[choice]
                 record[f"{mode}_correct"] = correct
             predictions.append(record)
         metrics: dict[str, float] = {}

@@ -34,3 +34,23 @@ def test_oracle_tower_reads_every_object_and_empty_quadrant_exactly():
             expected = [list(COLOURS).index(obj.colour), len(COLOURS) + SHAPES.index(obj.shape),
                         len(COLOURS) + len(SHAPES) + SIZES.index(obj.size)]
             assert token[: oracle.EMPTY].nonzero().flatten().tolist() == expected
+
+
+def test_lm_lookup_questions_are_answerable_from_their_caption_and_train_on_replies_only():
+    lookup = _load("lm_lookup")
+    conversations = lookup.caption_questions("val", 30, seed=5)
+    assert len(conversations) >= 30 * 4
+    for human, reply in conversations:
+        caption, question = human["value"].split("\n")
+        assert " in the " in caption and question.endswith("?")
+        if question.startswith(("What colour", "What is the colour")):
+            assert reply["value"].rstrip(".").lower() in caption
+
+    from transformers import AutoTokenizer
+
+    from mmkit.zoo import ensure_model
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    (ids, labels), = lookup.encode(tokenizer, conversations[:1], replies_only=True)
+    trained = tokenizer.decode(labels[labels != -100])
+    assert trained.strip().startswith(conversations[0][1]["value"]) and len(trained) < len(tokenizer.decode(ids)) / 4

@@ -72,11 +72,11 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
         attention_mask[row, length - len(prompt) :] = 1
     with torch.no_grad():
         generated = model.generate(
-            ids, attention_mask=attention_mask, max_new_tokens=12, do_sample=False,
+            ids.to(model.device), attention_mask=attention_mask.to(model.device), max_new_tokens=12, do_sample=False,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
     hits: dict[str, list[bool]] = {}
-    for question, row in zip(questions, generated):
+    for question, row in zip(questions, generated.cpu()):
         answer = tokenizer.decode(row[length:], skip_special_tokens=True)
         hits.setdefault(question.kind, []).append(normalise(answer) == normalise(question.answer))
     return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}

@@ -69,3 +69,13 @@ def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> sub
     return subprocess.run(
         [sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
     )
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the default recipe at TINY_RUN's size, trained by the real CLI."""
+    run_dir = tmp_path_factory.mktemp("run")
+    result = run_cli(["-m", "mmkit.train", *[o for o in TINY_RUN if not o.startswith("evaluation.")], "evaluation=none",
+                      f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir

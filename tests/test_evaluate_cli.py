@@ -2,22 +2,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from conftest import TINY_RUN, run_cli
+from conftest import run_cli
 
 EVALUATE = ["-m", "mmkit.evaluate"]
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    run_dir = tmp_path_factory.mktemp("run")
-    result = run_cli(["-m", "mmkit.train", *[o for o in TINY_RUN if not o.startswith("evaluation.")], "evaluation=none",
-                      f"hydra.run.dir={run_dir}"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir
 
 
 @pytest.mark.slow

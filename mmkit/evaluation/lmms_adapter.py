@@ -1,0 +1,140 @@
+"""mmkit models inside the lmms-eval harness (``pip install mmkit[lmms]``).
+
+    lmms-eval --model mmkit --model_args model=RUN_FOLDER --tasks mme --device cpu
+
+mmkit's package metadata registers :func:`manifest` in lmms-eval's ``lmms_eval.models`` entry-point
+group, so the harness finds the ``mmkit`` model without a fork or a converted checkpoint. Answers
+come from the same :class:`~mmkit.evaluation.generation.AnswerGenerator` as ``python -m
+mmkit.evaluate``: the run's own conversation template and image processing, greedy decoding.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+
+from mmkit.models.decoders.base import IMAGE_TOKEN
+from mmkit.errors import ConfigError
+from mmkit.evaluation.generation import Prompt
+from mmkit.evaluation.run import build_generator
+from mmkit.models.load import load_run
+
+logger = logging.getLogger(__name__)
+
+
+def manifest() -> Any:
+    """What the ``lmms_eval.models`` entry point hands the harness (a ``ModelManifest``)."""
+    # Imported here: lmms_eval.models loads this module's entry point while it initialises.
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id="mmkit", simple_class_path=f"{__name__}.MmkitModel")
+
+
+class MmkitModel(lmms):
+    """A trained mmkit run folder as an lmms-eval model.
+
+    ``model_args``: ``model`` (the run folder, required), ``max_new_tokens`` (when a task names
+    none, default 128). ``--batch_size`` and ``--device`` are the harness's own flags.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        max_new_tokens: int | str = 128,
+        batch_size: int | str = 1,
+        device: str = "cpu",
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        if unknown:
+            raise ConfigError(f"--model_args {', '.join(sorted(unknown))}: unknown to the mmkit model; it takes model, max_new_tokens")
+        if not model:
+            raise ConfigError("--model_args model=RUN_FOLDER is required: the mmkit run folder to evaluate")
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA device here; pass --device cpu")
+        cfg, vlm = load_run(model)
+        self.device = torch.device(device)
+        self.generator = build_generator(cfg, vlm.to(self.device), int(batch_size), int(max_new_tokens))
+        self.default_max_new_tokens = int(max_new_tokens)
+        self._warned_sampling = False
+
+    def generate_until(self, requests: Sequence[Instance]) -> list[str]:
+        prompts, limits, stops = [], [], []
+        for context, gen_kwargs, doc_to_visual, doc_id, task, split in (request.args for request in requests):
+            image = self._image(doc_to_visual(self.task_dict[task][split][doc_id]), task)
+            prompts.append(self._prompt(context, image))
+            kwargs = dict(gen_kwargs or {})
+            if kwargs.get("do_sample") and not self._warned_sampling:
+                logger.warning("task %s asks for sampling; mmkit answers greedily, as in the paper's evaluations", task)
+                self._warned_sampling = True
+            limits.append(int(kwargs.get("max_new_tokens") or self.default_max_new_tokens))
+            until = kwargs.get("until") or []
+            stops.append([until] if isinstance(until, str) else list(until))
+        answers: list[str] = [""] * len(prompts)
+        # One generate call per token limit; within it, the generator batches.
+        for limit in sorted(set(limits)):
+            indices = [i for i, n in enumerate(limits) if n == limit]
+            self.generator.max_new_tokens = limit
+            texts = self.generator.answer([prompts[i] for i in indices], desc=f"mmkit answering (max {limit} tokens)")
+            for i, text in zip(indices, texts):
+                answers[i] = _cut_at_stops(text, stops[i])
+        return answers
+
+    def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
+        """Log-probability of each continuation after its prompt, and whether greedy decoding
+        would have produced it, with the run's own template around the prompt."""
+        results = []
+        model, tokenizer = self.generator.model, self.generator.model.tokenizer
+        for context, target, doc_to_visual, doc_id, task, split in (request.args for request in requests):
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            image = self._image(doc_to_visual(doc), task)
+            prompt = self._prompt(context, image)
+            prompt_ids = self.generator.template.encode(
+                prompt.conversation, tokenizer, model.num_image_tokens, for_generation=True
+            ).input_ids
+            continuation_ids = tokenizer(str(continuation), add_special_tokens=False).input_ids
+            input_ids = torch.tensor([prompt_ids + continuation_ids], device=self.device)
+            pixel_values = None
+            if image is not None:
+                pixel_values = self.generator.image_processor(image).unsqueeze(0).to(self.device)
+            with torch.no_grad():
+                logits = model(input_ids, torch.ones_like(input_ids), pixel_values).logits[0]
+            # The logits at position t predict token t + 1.
+            predicting = logits[len(prompt_ids) - 1 : -1].float().log_softmax(-1)
+            targets = torch.tensor(continuation_ids, device=self.device)
+            logprob = float(predicting.gather(-1, targets.unsqueeze(-1)).sum())
+            results.append((logprob, bool((predicting.argmax(-1) == targets).all())))
+        return results
+
+    def generate_until_multi_round(self, requests: Sequence[Instance]) -> list[str]:
+        raise NotImplementedError("the mmkit model answers single-round tasks (generate_until, loglikelihood)")
+
+    @staticmethod
+    def _image(visuals: Any, task: str) -> Image.Image | None:
+        visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
+        if not visuals:
+            return None
+        if len(visuals) > 1 or not isinstance(visuals[0], Image.Image):
+            raise ConfigError(
+                f"task {task}: gives {len(visuals)} visual(s) of type {type(visuals[0]).__name__}; "
+                "mmkit models take one image per prompt"
+            )
+        return visuals[0].convert("RGB")
+
+    @staticmethod
+    def _prompt(context: str, image: Image.Image | None) -> Prompt:
+        if image is not None and IMAGE_TOKEN not in context:
+            context = f"{IMAGE_TOKEN}\n{context}"
+        return Prompt([{"from": "human", "value": context}], image)
+
+
+def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    for stop in stops:
+        if stop and stop in text:
+            text = text[: text.index(stop)]
+    return text.strip()

@@ -11,17 +11,28 @@ from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights
 
 
-def load_run(run_dir: str | Path) -> tuple[DictConfig, VisionLanguageModel]:
-    """The run's composed config and its model with every stage's trained weights applied in order."""
-    run_dir = Path(run_dir)
-    config_path = run_dir / ".hydra" / "config.yaml"
+def load_run(run: str | Path) -> tuple[DictConfig, VisionLanguageModel]:
+    """The run's composed config and its model with every stage's trained weights applied in order.
+
+    ``run`` is a run folder, or one stage's checkpoint inside it (``RUN/<stage>/trainable.safetensors``):
+    then the stages up to and including that one are applied.
+    """
+    run = Path(run)
+    last_stage = None
+    if run.is_file() and run.name == WEIGHTS:
+        run, last_stage = run.parent.parent, run.parent.name
+    config_path = run / ".hydra" / "config.yaml"
     if not config_path.is_file():
-        raise ConfigError(f"model={run_dir}: not an mmkit run folder (no .hydra/config.yaml)")
+        raise ConfigError(f"model={run}: not an mmkit run folder (no .hydra/config.yaml)")
     cfg = OmegaConf.load(config_path)
-    stages = [name for name in cfg.recipe.stages if (run_dir / name / WEIGHTS).is_file()]
+    stages = [name for name in cfg.recipe.stages if (run / name / WEIGHTS).is_file()]
+    if last_stage is not None:
+        if last_stage not in stages:
+            raise ConfigError(f"model={run / last_stage / WEIGHTS}: {last_stage!r} is not a stage of this run's recipe")
+        stages = stages[: stages.index(last_stage) + 1]
     if not stages:
-        raise ConfigError(f"model={run_dir}: no stage finished (no */{WEIGHTS})")
+        raise ConfigError(f"model={run}: no stage finished (no */{WEIGHTS})")
     model = build_model(cfg)
     for name in stages:
-        load_stage_weights(model, run_dir / name / WEIGHTS)
+        load_stage_weights(model, run / name / WEIGHTS)
     return cfg, model.eval()

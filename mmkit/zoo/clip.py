@@ -166,7 +166,7 @@ def build_tiny_clip(out: Path) -> None:
     _save_processor(out)
     write_quality(out, {
         "pretraining": f"contrastive, {steps} steps x {BATCH} pairs + {BATCH} hard negatives",
-        "final_loss": round(float(loss), 4),
+        "final_loss": round(float(loss.detach()), 4),
         "val_retrieval_top1_of_256": round(_retrieval_accuracy(model, tokenizer, val, random.Random(1)), 4),
         "train_seconds": round(time.perf_counter() - started, 1),
     })

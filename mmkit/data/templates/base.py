@@ -151,5 +151,36 @@ class ChatTemplate(ConversationTemplate):
                     segments.append(Segment(EOS, trained=True))
         return segments
 
+    def jinja(self) -> str:
+        """The same format as a transformers chat template (``apply_chat_template``), for exported
+        models: a ``system`` message replaces the default system prompt, image parts become
+        ``<image>`` lines ahead of the text, and ``add_generation_prompt`` needs nothing added
+        because every human turn already ends with the assistant's header."""
+        human_prefix, human_suffix = self.human_format.split("{text}")
+        reply_prefix, reply_suffix = self.reply_format.split("{text}")
+        eos = "{{ eos_token }}" if self.reply_ends_with_eos else ""
+        return (
+            "{%- set ns = namespace(system=" + _jinja_string(self.system) + ", text='', first=true) -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
+            "{%- else -%}{%- set ns.text = '' -%}"
+            "{%- for part in message['content'] if part['type'] == 'image' -%}"
+            "{%- set ns.text = ns.text + '" + IMAGE_TOKEN + "\n' -%}{%- endfor -%}"
+            "{%- for part in message['content'] if part['type'] == 'text' -%}"
+            "{%- set ns.text = ns.text + part['text'] -%}{%- endfor -%}"
+            "{%- endif -%}"
+            "{%- if message['role'] == 'system' -%}{%- set ns.system = ns.text -%}"
+            "{%- elif message['role'] == 'user' -%}"
+            "{%- if ns.first -%}{{ ns.system + " + _jinja_string(self.system_suffix) + " }}{%- set ns.first = false -%}{%- endif -%}"
+            "{{ " + _jinja_string(human_prefix) + " + ns.text + " + _jinja_string(human_suffix) + " }}"
+            "{%- else -%}{{ " + _jinja_string(reply_prefix) + " + ns.text + " + _jinja_string(reply_suffix) + " }}" + eos +
+            "{%- endif -%}"
+            "{%- endfor -%}"
+        )
+
+
+def _jinja_string(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
 
 TEMPLATES.set_base(ConversationTemplate)

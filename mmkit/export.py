@@ -1,0 +1,42 @@
+"""Move models between mmkit and transformers' LlavaForConditionalGeneration (llava-hf) format.
+
+    python -m mmkit.export to-hf RUN_FOLDER OUT_DIR
+    python -m mmkit.export to-hf RUN_FOLDER/finetune/trainable.safetensors OUT_DIR
+    python -m mmkit.export from-hf llava-1.5-7b-hf OUT_RUN_FOLDER
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mmkit.errors import MmkitError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mmkit.export", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    to_hf = sub.add_parser("to-hf", help="write an HF LlavaForConditionalGeneration folder (weights, config, processor)")
+    to_hf.add_argument("run", help="an mmkit run folder, or a stage checkpoint RUN/<stage>/trainable.safetensors")
+    to_hf.add_argument("out_dir")
+    from_hf = sub.add_parser("from-hf", help="turn an HF Llava folder into an mmkit run folder (model=OUT)")
+    from_hf.add_argument("hf_dir")
+    from_hf.add_argument("out_dir")
+    args = parser.parse_args(argv)
+
+    from mmkit.models.hf_llava import export_run, import_hf
+
+    try:
+        if args.command == "to-hf":
+            out = export_run(args.run, args.out_dir)
+            print(f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
+        else:
+            out = import_hf(args.hf_dir, args.out_dir)
+            print(f"wrote {out}: use it as model={out}, or train on from it (README, 'Export and import')")
+    except (MmkitError, OSError) as exc:  # OSError: transformers' "not a model folder"
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
             out = export_run(args.run, args.out_dir)
             print(f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
         else:
-            out = import_hf(args.hf_dir, args.out_dir)
-            print(f"wrote {out}: use it as model={out}, or train on from it (README, 'Export and import')")
+            overrides = import_hf(args.hf_dir, args.out_dir)
+            print(f"wrote {args.out_dir}: use it as model={args.out_dir}; to train on from it:")
+            print("python -m mmkit.train " + " ".join(overrides))
     except (MmkitError, OSError) as exc:  # OSError: transformers' "not a model folder"
         print(f"error: {exc}", file=sys.stderr)
         return 2

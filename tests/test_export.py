@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-from conftest import compose, run_cli
+from conftest import TINY_RUN, compose, run_cli
 
 PROMPT = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}]
 LAYOUTS = [(-2, "patch"), (-1, "patch"), (-2, "cls_patch"), (-1, "cls_patch")]
@@ -214,6 +214,13 @@ def test_the_cli_imports_and_refuses_with_one_line(tmp_path):
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
     evaluated = run_cli(["-m", "mmkit.evaluate", "task=synthetic", f"model={tmp_path / 'run'}", "task.count=2"])
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    # The printed command trains on from the imported model.
+    train_command = imported.stdout.strip().splitlines()[-1].split()
+    assert train_command[:3] == ["python", "-m", "mmkit.train"]
+    tiny = [o for o in TINY_RUN if not o.startswith(("recipe.stages.pretrain", "evaluation."))]
+    trained = run_cli(train_command[1:] + tiny + ["evaluation=none", f"hydra.run.dir={tmp_path / 'further'}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (tmp_path / "further" / "finetune" / "trainable.safetensors").is_file()
 
     missing = run_cli(["-m", "mmkit.export", "from-hf", str(tmp_path / "nowhere"), str(tmp_path / "run2")])
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr

@@ -115,10 +115,10 @@ def export_run(run: str | Path, out_dir: str | Path) -> Path:
     return out
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
     """``python -m mmkit.export from-hf``: an HF Llava folder -> an mmkit run folder that
     ``model=OUT`` commands load, with the towers saved as ``OUT/vision_tower`` and
-    ``OUT/language_model`` for further training."""
+    ``OUT/language_model``. Returns the ``python -m mmkit.train`` overrides that train on from it."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
 
     from mmkit.training.checkpoint import save_stage_weights
@@ -154,10 +154,11 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     }
     save_stage_weights(connector_state, set(connector_state), out / IMPORTED_STAGE, {"imported_from": str(hf_dir)})
 
-    cfg = _imported_config(config, image_processor, vision_dir, language_dir)
+    overrides = _imported_overrides(config, image_processor, vision_dir, language_dir)
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, out / ".hydra" / "config.yaml")
-    return out
+    OmegaConf.save(_compose([*overrides, "evaluation=none"]), out / ".hydra" / "config.yaml")
+    weights = (out / IMPORTED_STAGE / "trainable.safetensors").resolve()
+    return [*overrides, f"recipe.stages.{IMPORTED_STAGE}.connector_from={weights}"]
 
 
 def _check_importable(config: Any, hf_dir: Path) -> None:
@@ -179,12 +180,8 @@ def _size(size: Any) -> int | None:
     return getattr(size, "height", None) or getattr(size, "shortest_edge", None)
 
 
-def _imported_config(config: Any, image_processor: Any, vision_dir: Path, language_dir: Path) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from mmkit.config import CONF_DIR
-
-    overrides = [
+def _imported_overrides(config: Any, image_processor: Any, vision_dir: Path, language_dir: Path) -> list[str]:
+    return [
         "recipe=no_stage1",
         "template=vicuna_v1",
         f"encoder.path={vision_dir.resolve()}",
@@ -194,7 +191,13 @@ def _imported_config(config: Any, image_processor: Any, vision_dir: Path, langua
         f"decoder.path={language_dir.resolve()}",
         f"decoder.model_max_length={config.text_config.max_position_embeddings}",
         f"data.image_mode={'pad' if getattr(image_processor, 'do_pad', False) else 'crop'}",
-        "evaluation=none",
     ]
+
+
+def _compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    from mmkit.config import CONF_DIR
+
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name="config", overrides=overrides)

@@ -79,3 +79,27 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                       f"hydra.run.dir={run_dir}"])
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def lively_model(tmp_path_factory: pytest.TempPathFactory):
+    """(cfg, model) of the default recipe over a random Llama with large weights: unlike the tiny
+    zoo LM, its greedy replies differ from prompt to prompt, so generation tests can tell them apart."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmkit.models.build import build_model
+    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+
+    folder = tmp_path_factory.mktemp("lively_lm")
+    tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = compose([f"decoder.path={folder}"])
+    return cfg, build_model(cfg).eval()

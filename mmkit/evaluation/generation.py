@@ -1,6 +1,8 @@
-"""Batched greedy answers from a VisionLanguageModel, prompted exactly as it was trained."""
+"""Answers from a VisionLanguageModel, prompted exactly as it was trained: batched (greedy or
+sampled, stop strings, KV cache) or streamed piece by piece."""
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -11,6 +13,7 @@ from tqdm import tqdm
 
 from mmkit.data.images import ImageProcessor
 from mmkit.data.templates.base import ConversationTemplate
+from mmkit.errors import ConfigError
 from mmkit.models.vlm import VisionLanguageModel
 
 
@@ -32,7 +35,34 @@ class Prompt:
         return self.image
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How to continue a prompt. ``temperature`` 0 is greedy decoding (the paper's evaluations);
+    above 0 samples, from the smallest set of tokens whose probability reaches ``top_p``.
+    Text from the first of ``stop`` on is dropped, and generation ends there."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens}: must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature}: must be >= 0 (0 is greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p}: must be in (0, 1]")
+
+    def generate_kwargs(self) -> dict:
+        if self.temperature == 0:
+            return {"do_sample": False}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+
+
 class AnswerGenerator:
+    """Answers prompts with a model, in batches (left-padded, KV cache), or one streamed reply."""
+
     def __init__(
         self,
         model: VisionLanguageModel,
@@ -47,23 +77,90 @@ class AnswerGenerator:
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
 
-    def answer(self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering") -> list[str]:
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def answer(
+        self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering", sampling: Sampling | None = None
+    ) -> list[str]:
         answers: list[str] = []
-        for _, texts in self.answer_batches(prompts, progress, desc):
+        for _, texts in self.answer_batches(prompts, progress, desc, sampling):
             answers += texts
         return answers
 
     def answer_batches(
-        self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering"
+        self,
+        prompts: Sequence[Prompt],
+        progress: bool = True,
+        desc: str = "answering",
+        sampling: Sampling | None = None,
     ) -> Iterator[tuple[slice, list[str]]]:
         """(which prompts, their answers) one batch at a time, so callers can save as they go."""
+        sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
         with tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress or not prompts) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = slice(start, min(start + self.batch_size, len(prompts)))
-                yield batch, self._answer_batch(prompts[batch])
+                yield batch, self._answer_batch(prompts[batch], sampling)
                 bar.update(batch.stop - batch.start)
 
-    def _answer_batch(self, prompts: Sequence[Prompt]) -> list[str]:
+    def encode_image(self, image: Image.Image) -> torch.Tensor:
+        """One image's embeddings ``[1, num_image_tokens, E]``, to reuse across prompts."""
+        with torch.no_grad():
+            return self.model.encode_images(self.image_processor(image).unsqueeze(0).to(self.device))
+
+    def stream(
+        self, prompt: Prompt, sampling: Sampling | None = None, image_embeds: torch.Tensor | None = None
+    ) -> Iterator[str]:
+        """The reply to one prompt, piece by piece as it is generated; with ``image_embeds`` the
+        prompt's image is not encoded again. Text that could begin a stop string is held back
+        until it is clear that it does not."""
+        from transformers import TextIteratorStreamer
+
+        sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
+        streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        inputs = self._inputs([prompt], with_images=image_embeds is None)
+        failure: list[BaseException] = []
+
+        def generate() -> None:
+            try:
+                self._generate(inputs, sampling, image_embeds=image_embeds, streamer=streamer)
+            except BaseException as exc:  # re-raised in the caller's thread
+                failure.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=generate, daemon=True)
+        worker.start()
+        stops = self._stops(sampling)
+        pending, stopped, started = "", False, False
+        for piece in streamer:
+            if stopped:  # drain: generation ends by itself at the stop string
+                continue
+            pending += piece
+            cut = _first_stop(pending, stops)
+            if cut is not None:
+                pending, stopped = pending[:cut], True
+                continue
+            if not started:  # a reply starts at its first visible character, as answer() gives it
+                pending = pending.lstrip()
+            safe = len(pending) - _longest_stop_prefix(pending, stops)
+            if safe > 0:
+                yield pending[:safe]
+                pending, started = pending[safe:], True
+        worker.join()
+        if failure:
+            raise failure[0]
+        pending = pending.rstrip() if started else pending.strip()
+        if pending:
+            yield pending
+
+    def _answer_batch(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[str]:
+        generated = self._generate(self._inputs(prompts, with_images=True), sampling)
+        stops = self._stops(sampling)
+        tokenizer = self.model.tokenizer
+        return [_cut(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in generated]
+
+    def _inputs(self, prompts: Sequence[Prompt], with_images: bool) -> dict[str, torch.Tensor | None]:
         tokenizer = self.model.tokenizer
         encoded = [
             self.template.encode(p.conversation, tokenizer, self.model.num_image_tokens, for_generation=True).input_ids
@@ -76,20 +173,42 @@ class AnswerGenerator:
         for row, ids in enumerate(encoded):
             input_ids[row, length - len(ids) :] = torch.tensor(ids)
             attention_mask[row, length - len(ids) :] = 1
-        images = [self.image_processor(p.load_image()) for p in prompts if p.image is not None]
-        pixel_values = torch.stack(images) if images else None
-        device = next(self.model.parameters()).device
-        generated = self.model.generate(
-            input_ids.to(device),
-            attention_mask.to(device),
-            None if pixel_values is None else pixel_values.to(device),
-            max_new_tokens=self.max_new_tokens,
-            do_sample=False,
-        )
-        return [self._clean(tokenizer.decode(row, skip_special_tokens=True)) for row in generated]
+        pixel_values = None
+        if with_images:
+            images = [self.image_processor(p.load_image()) for p in prompts if p.image is not None]
+            pixel_values = torch.stack(images) if images else None
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 
-    def _clean(self, text: str) -> str:
-        stop = self.template.stop_text
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-        return text.strip()
+    def _generate(self, inputs: dict, sampling: Sampling, **kwargs) -> torch.Tensor:
+        device = self.device
+        stops = self._stops(sampling)
+        if stops:
+            kwargs.update(stop_strings=list(stops), tokenizer=self.model.tokenizer)
+        pixel_values = inputs["pixel_values"]
+        return self.model.generate(
+            inputs["input_ids"].to(device),
+            inputs["attention_mask"].to(device),
+            None if pixel_values is None else pixel_values.to(device),
+            max_new_tokens=sampling.max_new_tokens,
+            **sampling.generate_kwargs(),
+            **kwargs,
+        )
+
+    def _stops(self, sampling: Sampling) -> tuple[str, ...]:
+        stop_text = self.template.stop_text
+        return tuple(s for s in (*sampling.stop, *([stop_text] if stop_text else [])) if s)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    positions = [text.index(stop) for stop in stops if stop in text]
+    return min(positions) if positions else None
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    cut = _first_stop(text, stops)
+    return text if cut is None else text[:cut]
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """How many characters at the end of ``text`` could be the start of a stop string."""
+    return max((n for stop in stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)

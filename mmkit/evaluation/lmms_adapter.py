@@ -5,11 +5,10 @@
 mmkit's package metadata registers :func:`manifest` in lmms-eval's ``lmms_eval.models`` entry-point
 group, so the harness finds the ``mmkit`` model without a fork or a converted checkpoint. Answers
 come from the same :class:`~mmkit.evaluation.generation.AnswerGenerator` as ``python -m
-mmkit.evaluate``: the run's own conversation template and image processing, greedy decoding.
+mmkit.evaluate``: the run's own conversation template and image processing, greedy decoding unless a task asks to sample.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -19,12 +18,9 @@ from PIL import Image
 
 from mmkit.models.decoders.base import IMAGE_TOKEN
 from mmkit.errors import ConfigError
-from mmkit.evaluation.generation import Prompt
+from mmkit.evaluation.generation import Prompt, Sampling
 from mmkit.evaluation.run import build_generator
 from mmkit.models.load import load_run
-
-logger = logging.getLogger(__name__)
-
 
 def manifest() -> Any:
     """What the ``lmms_eval.models`` entry point hands the harness (a ``ModelManifest``)."""
@@ -60,29 +56,31 @@ class MmkitModel(lmms):
         self.device = torch.device(device)
         self.generator = build_generator(cfg, vlm.to(self.device), int(batch_size), int(max_new_tokens))
         self.default_max_new_tokens = int(max_new_tokens)
-        self._warned_sampling = False
 
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
-        prompts, limits, stops = [], [], []
+        prompts, settings = [], []
         for context, gen_kwargs, doc_to_visual, doc_id, task, split in (request.args for request in requests):
             image = self._image(doc_to_visual(self.task_dict[task][split][doc_id]), task)
             prompts.append(self._prompt(context, image))
-            kwargs = dict(gen_kwargs or {})
-            if kwargs.get("do_sample") and not self._warned_sampling:
-                logger.warning("task %s asks for sampling; mmkit answers greedily, as in the paper's evaluations", task)
-                self._warned_sampling = True
-            limits.append(int(kwargs.get("max_new_tokens") or self.default_max_new_tokens))
-            until = kwargs.get("until") or []
-            stops.append([until] if isinstance(until, str) else list(until))
+            settings.append(self._sampling(dict(gen_kwargs or {})))
         answers: list[str] = [""] * len(prompts)
-        # One generate call per token limit; within it, the generator batches.
-        for limit in sorted(set(limits)):
-            indices = [i for i, n in enumerate(limits) if n == limit]
-            self.generator.max_new_tokens = limit
-            texts = self.generator.answer([prompts[i] for i in indices], desc=f"mmkit answering (max {limit} tokens)")
+        # One generate pass per distinct setting; within it, the generator batches.
+        for sampling in dict.fromkeys(settings):
+            indices = [i for i, s in enumerate(settings) if s == sampling]
+            texts = self.generator.answer([prompts[i] for i in indices], desc="mmkit answering", sampling=sampling)
             for i, text in zip(indices, texts):
-                answers[i] = _cut_at_stops(text, stops[i])
+                answers[i] = text
         return answers
+
+    def _sampling(self, gen_kwargs: dict[str, Any]) -> Sampling:
+        until = gen_kwargs.get("until") or []
+        temperature = float(gen_kwargs.get("temperature") or 0) if gen_kwargs.get("do_sample") else 0.0
+        return Sampling(
+            max_new_tokens=int(gen_kwargs.get("max_new_tokens") or self.default_max_new_tokens),
+            temperature=temperature,
+            top_p=float(gen_kwargs.get("top_p") or 1.0),
+            stop=tuple([until] if isinstance(until, str) else until),
+        )
 
     def loglikelihood(self, requests: Sequence[Instance]) -> list[tuple[float, bool]]:
         """Log-probability of each continuation after its prompt, and whether greedy decoding
@@ -131,10 +129,3 @@ class MmkitModel(lmms):
         if image is not None and IMAGE_TOKEN not in context:
             context = f"{IMAGE_TOKEN}\n{context}"
         return Prompt([{"from": "human", "value": context}], image)
-
-
-def _cut_at_stops(text: str, stops: Sequence[str]) -> str:
-    for stop in stops:
-        if stop and stop in text:
-            text = text[: text.index(stop)]
-    return text.strip()

@@ -37,16 +37,22 @@ class VisionLanguageModel(nn.Module):
             image_features = self.encoder(pixel_values)
         return self.connector(image_features)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_embeds: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Decoder input embeddings with image embeddings scattered into the ``<image>`` positions.
 
         The ``<image>`` placeholders were expanded at tokenization time, so each image owns
         ``num_image_tokens`` consecutive positions; images fill them in reading order.
+        ``image_embeds`` (from :meth:`encode_images`) stand in for ``pixel_values`` when a caller
+        reuses one image across many prompts, as a chat does across its turns.
         """
         inputs_embeds = self.decoder.embed_tokens(input_ids)
         image_positions = input_ids == self.image_token_id
         num_positions = int(image_positions.sum())
-        num_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if image_embeds is None and pixel_values is not None:
+            image_embeds = self.encode_images(pixel_values)
+        num_images = 0 if image_embeds is None else image_embeds.shape[0]
         if num_positions != num_images * self.num_image_tokens:
             raise DataError(
                 f"the batch has {num_positions} image-token positions but {num_images} images x "
@@ -54,8 +60,7 @@ class VisionLanguageModel(nn.Module):
             )
         if num_images == 0:
             return inputs_embeds
-        image_embeds = self.encode_images(pixel_values).to(inputs_embeds.dtype)
-        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), image_embeds)
+        return inputs_embeds.masked_scatter(image_positions.unsqueeze(-1), image_embeds.to(inputs_embeds.dtype))
 
     def forward(
         self,
@@ -74,10 +79,11 @@ class VisionLanguageModel(nn.Module):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         max_new_tokens: int = 64,
+        image_embeds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids only (prompts left-padded); the decoder's KV cache is used."""
-        inputs_embeds = self.embed(input_ids, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)
         tokenizer = self.tokenizer
         return self.decoder.model.generate(
             inputs_embeds=inputs_embeds,

@@ -11,21 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mmkit.cli import hydra_command
 from mmkit.errors import ConfigError
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(f"device={name!r}: {exc}") from None
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
@@ -45,10 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions, items=items).metrics
     if cfg.ensemble.method is not None:
         raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
-    from mmkit.models.load import load_run
+    from mmkit.models.load import load_run, resolve_device
 
     train_cfg, model = load_run(cfg.model)
-    model.to(_device(cfg.device))
+    model.to(resolve_device(cfg.device))
     generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
     out_dir = Path(cfg.out_dir or Path(cfg.model) / "eval" / cfg.task.name)
     result = run_task(cfg.task.name, evaluator, out_dir, generator=generator)

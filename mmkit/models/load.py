@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmkit.errors import ConfigError
@@ -36,3 +37,13 @@ def load_run(run: str | Path) -> tuple[DictConfig, VisionLanguageModel]:
     for name in stages:
         load_stage_weights(model, run / name / WEIGHTS)
     return cfg, model.eval()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is cuda when available, else cpu; anything else as torch names it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name!r}: {exc}") from None

@@ -82,16 +82,18 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def lively_model(tmp_path_factory: pytest.TempPathFactory):
-    """(cfg, model) of the default recipe over a random Llama with large weights: unlike the tiny
+def lively_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run folder of the default recipe over a random Llama with large weights: unlike the tiny
     zoo LM, its greedy replies differ from prompt to prompt, so generation tests can tell them apart."""
     import torch
+    from omegaconf import OmegaConf
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mmkit.models.build import build_model
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+    from mmkit.training.checkpoint import save_stage_weights
 
-    folder = tmp_path_factory.mktemp("lively_lm")
+    run = tmp_path_factory.mktemp("lively_run")
     tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -99,7 +101,20 @@ def lively_model(tmp_path_factory: pytest.TempPathFactory):
         num_key_value_heads=4, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    cfg = compose([f"decoder.path={folder}"])
-    return cfg, build_model(cfg).eval()
+    LlamaForCausalLM(config).save_pretrained(run / "lm")
+    tokenizer.save_pretrained(run / "lm")
+    cfg = compose([f"decoder.path={run / 'lm'}"])
+    model = build_model(cfg)
+    names = {name for name in model.state_dict() if name.startswith("connector.")}
+    save_stage_weights(model.state_dict(), names, run / "finetune", {"made_by": "tests"})
+    (run / ".hydra").mkdir()
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    return run
+
+
+@pytest.fixture(scope="session")
+def lively_model(lively_run: Path):
+    """(cfg, model) loaded from ``lively_run``."""
+    from mmkit.models.load import load_run
+
+    return load_run(lively_run)

@@ -48,8 +48,10 @@ def test_stop_strings_and_max_new_tokens(generator, prompts):
     full = generator.answer(prompts[:1], progress=False, sampling=Sampling(16))[0]
     stop = full[len(full) // 2 : len(full) // 2 + 3]
     assert generator.answer(prompts[:1], progress=False, sampling=Sampling(16, stop=(stop,)))[0] == full[: full.index(stop)].strip()
-    short = generator.answer(prompts[:1], progress=False, sampling=Sampling(2))[0]
-    assert len(generator.model.tokenizer(short, add_special_tokens=False).input_ids) <= 3 and full.startswith(short)
+    (short,) = generator.replies(prompts[:1], Sampling(2))
+    assert (short.completion_tokens, short.finish_reason) == (2, "length") and full.startswith(short.text)
+    (stopped,) = generator.replies(prompts[:1], Sampling(16, stop=(stop,)))
+    assert stopped.finish_reason == "stop" and stopped.completion_tokens < 16
     with pytest.raises(ConfigError, match="top_p"):
         Sampling(16, temperature=1.0, top_p=0)
 

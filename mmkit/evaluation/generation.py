@@ -2,10 +2,11 @@
 sampled, stop strings, KV cache) or streamed piece by piece."""
 from __future__ import annotations
 
+import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -13,7 +14,7 @@ from tqdm import tqdm
 
 from mmkit.data.images import ImageProcessor
 from mmkit.data.templates.base import ConversationTemplate
-from mmkit.errors import ConfigError
+from mmkit.errors import ConfigError, DataError
 from mmkit.models.vlm import VisionLanguageModel
 
 
@@ -21,6 +22,7 @@ from mmkit.models.vlm import VisionLanguageModel
 class Prompt:
     conversation: list[dict]  # LLaVA turns ending with the human turn to answer
     image: Image.Image | Path | None  # a path is opened only when the prompt is answered
+    system: str | None = None  # replaces the template's system prompt (an API's system message)
 
     @property
     def text(self) -> str:
@@ -60,6 +62,13 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
 
 
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    completion_tokens: int  # tokens generated, the end-of-sequence token excluded
+    finish_reason: str  # "stop": the model ended it or a stop string did; "length": max_new_tokens ran out
+
+
 class AnswerGenerator:
     """Answers prompts with a model, in batches (left-padded, KV cache), or one streamed reply."""
 
@@ -81,6 +90,14 @@ class AnswerGenerator:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def replies(self, prompts: Sequence[Prompt], sampling: Sampling | None = None) -> list[Reply]:
+        """One batch of replies with their token counts (no progress bar)."""
+        replies: list[Reply] = []
+        sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
+        for start in range(0, len(prompts), self.batch_size):
+            replies += self._replies(prompts[start : start + self.batch_size], sampling)
+        return replies
+
     def answer(
         self, prompts: Sequence[Prompt], progress: bool = True, desc: str = "answering", sampling: Sampling | None = None
     ) -> list[str]:
@@ -101,7 +118,7 @@ class AnswerGenerator:
         with tqdm(total=len(prompts), desc=desc, unit="item", disable=not progress or not prompts) as bar:
             for start in range(0, len(prompts), self.batch_size):
                 batch = slice(start, min(start + self.batch_size, len(prompts)))
-                yield batch, self._answer_batch(prompts[batch], sampling)
+                yield batch, [reply.text for reply in self._replies(prompts[batch], sampling)]
                 bar.update(batch.stop - batch.start)
 
     def encode_image(self, image: Image.Image) -> torch.Tensor:
@@ -110,21 +127,26 @@ class AnswerGenerator:
             return self.model.encode_images(self.image_processor(image).unsqueeze(0).to(self.device))
 
     def stream(
-        self, prompt: Prompt, sampling: Sampling | None = None, image_embeds: torch.Tensor | None = None
+        self,
+        prompt: Prompt,
+        sampling: Sampling | None = None,
+        image_embeds: torch.Tensor | None = None,
+        on_finish: Callable[[Reply], None] | None = None,
     ) -> Iterator[str]:
         """The reply to one prompt, piece by piece as it is generated; with ``image_embeds`` the
         prompt's image is not encoded again. Text that could begin a stop string is held back
-        until it is clear that it does not."""
+        until it is clear that it does not. ``on_finish`` gets the whole :class:`Reply` at the end."""
         from transformers import TextIteratorStreamer
 
         sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._inputs([prompt], with_images=image_embeds is None)
         failure: list[BaseException] = []
+        generated: list[torch.Tensor] = []
 
         def generate() -> None:
             try:
-                self._generate(inputs, sampling, image_embeds=image_embeds, streamer=streamer)
+                generated.append(self._generate(inputs, sampling, image_embeds=image_embeds, streamer=streamer)[0])
             except BaseException as exc:  # re-raised in the caller's thread
                 failure.append(exc)
                 streamer.end()
@@ -153,19 +175,36 @@ class AnswerGenerator:
         pending = pending.rstrip() if started else pending.strip()
         if pending:
             yield pending
+        if on_finish is not None:
+            on_finish(self._reply(generated[0], sampling))
 
-    def _answer_batch(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[str]:
+    def _replies(self, prompts: Sequence[Prompt], sampling: Sampling) -> list[Reply]:
         generated = self._generate(self._inputs(prompts, with_images=True), sampling)
-        stops = self._stops(sampling)
+        return [self._reply(row, sampling) for row in generated]
+
+    def _reply(self, row: torch.Tensor, sampling: Sampling) -> Reply:
         tokenizer = self.model.tokenizer
-        return [_cut(tokenizer.decode(row, skip_special_tokens=True), stops).strip() for row in generated]
+        ids = row.tolist()
+        ended = tokenizer.eos_token_id in ids
+        ids = ids[: ids.index(tokenizer.eos_token_id)] if ended else [i for i in ids if i != tokenizer.pad_token_id]
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        text = _cut(decoded, self._stops(sampling))
+        ended = ended or text != decoded or len(ids) < sampling.max_new_tokens
+        return Reply(text.strip(), len(ids), "stop" if ended else "length")
+
+    def prompt_ids(self, prompt: Prompt) -> list[int]:
+        """The token ids the model reads for ``prompt``, image positions included."""
+        template = self.template
+        if prompt.system is not None:
+            if not hasattr(template, "system"):
+                raise DataError(f"a system prompt was given, but the {type(template).__name__} format has none")
+            template = copy.copy(template)
+            template.system = prompt.system
+        return template.encode(prompt.conversation, self.model.tokenizer, self.model.num_image_tokens, for_generation=True).input_ids
 
     def _inputs(self, prompts: Sequence[Prompt], with_images: bool) -> dict[str, torch.Tensor | None]:
         tokenizer = self.model.tokenizer
-        encoded = [
-            self.template.encode(p.conversation, tokenizer, self.model.num_image_tokens, for_generation=True).input_ids
-            for p in prompts
-        ]
+        encoded = [self.prompt_ids(p) for p in prompts]
         # Left padding keeps every prompt's last token at the end, where generation continues.
         length = max(len(ids) for ids in encoded)
         input_ids = torch.full((len(encoded), length), tokenizer.pad_token_id, dtype=torch.long)

@@ -1,0 +1,1 @@
+"""Serving a trained model over HTTP: request checks, batching, the OpenAI-compatible API."""

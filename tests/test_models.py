@@ -58,6 +58,7 @@ def test_timm_vit_layer_semantics_match_timm_intermediates(layer, block):
     )
     assert torch.allclose(encoder(pixels), intermediates[0], atol=1e-6)
     assert encoder.num_tokens == 16
+    assert encoder.image_stats.size == 32  # the size it was built for, not timm's pretrained 224
 
 
 def test_timm_vit_loads_a_local_checkpoint(tmp_path):

@@ -43,9 +43,11 @@ class TimmViTEncoder(VisionEncoder):
         self.num_patches = self.model.patch_embed.num_patches
         self.num_prefix_tokens = self.model.num_prefix_tokens
         data_cfg = self.model.pretrained_cfg
-        input_size = data_cfg.get("input_size", (3, *self.model.patch_embed.img_size))
+        # The size the model was built for (model_kwargs.img_size), not the pretrained default.
         self.image_stats = ImageStats(
-            size=int(input_size[-1]), mean=tuple(data_cfg.get("mean", (0.5,) * 3)), std=tuple(data_cfg.get("std", (0.5,) * 3))
+            size=int(self.model.patch_embed.img_size[-1]),
+            mean=tuple(data_cfg.get("mean", (0.5,) * 3)),
+            std=tuple(data_cfg.get("std", (0.5,) * 3)),
         )
         if frozen:
             self.freeze()

@@ -10,7 +10,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,lmms]'
+	$(BIN)/pip install --quiet -e '.[dev,lmms,slurm]'
 	touch $@
 
 train: setup

@@ -24,7 +24,9 @@ from mmkit.provenance import git_state, library_versions
 def _check_launch(cfg: DictConfig) -> None:
     trainer = cfg.trainer
     multi_process = trainer.get("num_nodes", 1) > 1 or trainer.get("devices", 1) not in (1, "1")
-    if HydraConfig.get().mode == RunMode.MULTIRUN and multi_process:
+    # A submitit launcher starts every rank as its own SLURM task, so nothing is re-launched.
+    launched_per_rank = "submitit" in str(HydraConfig.get().launcher.get("_target_", ""))
+    if HydraConfig.get().mode == RunMode.MULTIRUN and multi_process and not launched_per_rank:
         raise ConfigError(
             "trainer.devices/num_nodes > 1 with a Hydra multirun (-m) in one process: Lightning re-launches "
             "the script per rank and the sweep folders collide; sweep through a launcher "

@@ -91,7 +91,7 @@ class AnswerGenerator:
         return next(self.model.parameters()).device
 
     def replies(self, prompts: Sequence[Prompt], sampling: Sampling | None = None) -> list[Reply]:
-        """One batch of replies with their token counts (no progress bar)."""
+        """Replies with their token counts and finish reasons, batched (no progress bar)."""
         replies: list[Reply] = []
         sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
         for start in range(0, len(prompts), self.batch_size):

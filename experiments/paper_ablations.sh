@@ -11,19 +11,22 @@ PYTHON=${PYTHON:-python}
 OUT=experiments/runs/paper
 SEEDS=seed=0,1,2
 
-sweep() {  # name, overrides...
-  local name=$1; shift
-  if [ -f "$OUT/$name/report.md" ]; then echo "[$name] done already"; return; fi
-  "$PYTHON" -m mmkit.train -m "$@" "$SEEDS" "hydra.sweep.dir=$OUT/$name" trainer.enable_progress_bar=false
-  "$PYTHON" -m mmkit.report "$OUT/$name" --title "$name"
+sweep() {  # name, report metrics ("" = the evaluator's own), overrides...
+  local name=$1 metrics=$2; shift 2
+  if [ ! -f "$OUT/$name/multirun.yaml" ] || [ "$(find "$OUT/$name" -name summary.json | wc -l)" -lt 6 ]; then
+    "$PYTHON" -m mmkit.train -m "$@" "$SEEDS" "hydra.sweep.dir=$OUT/$name" trainer.enable_progress_bar=false
+  fi
+  # shellcheck disable=SC2086 # the metric names are separate words
+  "$PYTHON" -m mmkit.report "$OUT/$name" --title "$name" ${metrics:+--metrics $metrics}
 }
 
 ARGS=("$@")
-run() { local name=$1; shift; if [ ${#ARGS[@]} -eq 0 ] || [[ " ${ARGS[*]} " == *" $name "* ]]; then sweep "$name" "$@"; fi; }
+run() { if [ ${#ARGS[@]} -eq 0 ] || [[ " ${ARGS[*]} " == *" $1 "* ]]; then sweep "$@"; fi; }
 
 # Feature layer: the penultimate (-2, LLaVA's choice) vs the last (-1) CLIP layer.
-run feature_layer encoder.layer=-1,-2
+run feature_layer "" encoder.layer=-1,-2
 # Pre-training: LLaVA's two stages vs instruction tuning from a random connector.
-run stage1 recipe=llava,no_stage1
+run stage1 "" recipe=llava,no_stage1
 # Predict the answer first (QCM-ALE) vs reasoning first (QCM-LEA), on the synthetic ScienceQA-format set.
-run answer_first data=scienceqa evaluation=scienceqa data.prompt_format=QCM-LEA,QCM-ALE
+run answer_first "acc acc_NAT acc_SOC acc_LAN acc_TXT acc_IMG acc_NO acc_G1_6 acc_G7_12 lenient_acc" \
+  data=scienceqa evaluation=scienceqa data.prompt_format=QCM-LEA,QCM-ALE

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,6 +31,7 @@ def _builders() -> dict[str, tuple[int, Callable[[Path], None]]]:
         "tiny-clip": (3, build_tiny_clip),
         "tiny-clip-random": (2, build_tiny_clip_random),
         "tiny-llama": (3, build_tiny_llama),
+        "tiny-llama-large": (1, partial(build_tiny_llama, size="tiny-llama-large")),
     }
 
 

@@ -15,7 +15,9 @@ from mmkit.training.module import warmup_cosine
 from mmkit.zoo import ensure_model, scaled, write_quality
 from mmkit.zoo.text import conversations_as_text
 
-WIDTH, LAYERS, HEADS = 128, 4, 4
+# (width, layers, heads): the default, and a larger one (about twice the parameters, as 13B is to
+# 7B) for the model-size ablation.
+SIZES = {"tiny-llama": (128, 4, 4), "tiny-llama-large": (160, 6, 5)}
 STEPS, BATCH, LR, WARMUP = 600, 32, 2e-3, 50
 
 
@@ -82,17 +84,18 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}
 
 
-def build_tiny_llama(out: Path) -> None:
+def build_tiny_llama(out: Path, size: str = "tiny-llama") -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
     train = _encode_all(tokenizer, conversations_as_text("train", scaled(4000), seed=11))
     val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11))
     steps = scaled(STEPS)
+    width, layers, heads = SIZES[size]
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=int(2.75 * WIDTH), num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, max_position_embeddings=1024, tie_word_embeddings=True,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=int(2.75 * width), num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
@@ -115,6 +118,8 @@ def build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
     write_quality(out, {
         "pretraining": f"causal LM, {steps} steps x {BATCH} conversations of the world's text",
+        "size": {"width": width, "layers": layers, "heads": heads,
+                 "parameters": sum(p.numel() for p in model.parameters())},
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
         "val_perplexity_untrained": round(initial_perplexity, 1),
         "val_caption_qa_exact_match": _caption_qa_accuracy(model, tokenizer),

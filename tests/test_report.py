@@ -48,13 +48,14 @@ def test_bad_paths_and_metrics_are_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_multirun_sweep_becomes_a_table_and_a_plot(tmp_path):
     sweep = tmp_path / "sweep"
-    result = run_cli(["-m", "mmkit.train", "-m", "connector=linear,mlp2x_gelu", "seed=0,1", "recipe=stage1_only",
+    # Two settings, one seed each, keep it quick; replicates are checked on the runs above.
+    result = run_cli(["-m", "mmkit.train", "-m", "connector=linear,mlp2x_gelu", "recipe=stage1_only",
                       *[o for o in TINY_RUN if "finetune" not in o], f"hydra.sweep.dir={sweep}"])
     assert result.returncode == 0, result.stderr[-3000:]
     report = run_cli(["-m", "mmkit.report", str(sweep)])
     assert report.returncode == 0, report.stderr[-3000:]
     rows = list(csv.DictReader(open(sweep / "report.csv")))
-    assert [(r["connector"], r["seeds"]) for r in rows] == [("linear", "2"), ("mlp2x_gelu", "2")]
+    assert [(r["connector"], r["seeds"]) for r in rows] == [("linear", "1"), ("mlp2x_gelu", "1")]
     assert "acc_mean" in rows[0] and "| connector | seeds | acc |" in report.stdout
     from PIL import Image
 

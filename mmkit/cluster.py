@@ -50,7 +50,7 @@ def compose_job(overrides: list[str]) -> DictConfig:
 
 def job_plan(cfg: DictConfig) -> list[str]:
     """The lines that describe one job; raises ConfigError on what would fail on the cluster."""
-    from mmkit.training.recipe import _accumulation
+    from mmkit.training.recipe import accumulation_steps
 
     trainer = cfg.trainer
     launcher = cfg.hydra.launcher
@@ -84,7 +84,7 @@ def job_plan(cfg: DictConfig) -> list[str]:
                  f"connector={cfg.connector.name}, decoder={cfg.decoder.get('path') or cfg.decoder.name}")
     for name, stage in cfg.recipe.stages.items():
         key = f"recipe.stages.{name}"
-        accumulation = _accumulation(stage, key, world_size)
+        accumulation = accumulation_steps(stage, key, world_size)
         lines.append(f"stage {name}: trains {', '.join(stage.train)}; {stage.epochs} epoch(s), lr {stage.optimizer.lr}; "
                      f"global batch {stage.global_batch_size} = micro {stage.micro_batch_size} x {world_size} rank(s) "
                      f"x accumulation {accumulation}")

@@ -92,9 +92,7 @@ class MmkitModel(lmms):
             continuation = target if isinstance(target, str) else target(doc)
             image = self._image(doc_to_visual(doc), task)
             prompt = self._prompt(context, image)
-            prompt_ids = self.generator.template.encode(
-                prompt.conversation, tokenizer, model.num_image_tokens, for_generation=True
-            ).input_ids
+            prompt_ids = self.generator.prompt_ids(prompt)
             continuation_ids = tokenizer(str(continuation), add_special_tokens=False).input_ids
             input_ids = torch.tensor([prompt_ids + continuation_ids], device=self.device)
             pixel_values = None

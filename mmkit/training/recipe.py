@@ -44,7 +44,7 @@ def check_recipe(cfg: DictConfig) -> None:
             )
 
 
-def _accumulation(stage: DictConfig, key: str, world_size: int) -> int:
+def accumulation_steps(stage: DictConfig, key: str, world_size: int) -> int:
     per_step = stage.micro_batch_size * world_size
     if stage.global_batch_size % per_step:
         raise ConfigError(
@@ -118,7 +118,7 @@ def run_stage(
     datamodule = _stage_data(cfg, stage, key, model)
     trainer = build_trainer(as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps)
     # The world size is known only once the Trainer has resolved its devices.
-    trainer.accumulate_grad_batches = _accumulation(stage, key, trainer.world_size)
+    trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
     lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log)
 

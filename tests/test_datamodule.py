@@ -35,13 +35,13 @@ def shard_folder(tmp_path_factory):
     return root / "shards"
 
 
-def datamodule(shard_folder, num_workers: int, shuffle_buffer: int = 100, seed: int = 0) -> ShardDataModule:
+def datamodule(shard_folder, num_workers: int, shuffle_buffer: int = 100, seed: int = 0, **batching) -> ShardDataModule:
     tokenizer = prepare_tokenizer("zoo://tiny-llama")
     encoder = SampleEncoder(
         TEMPLATES.get("vicuna_v1")(), tokenizer, ImageProcessor(ImageStats(16, (0.5,) * 3, (0.5,) * 3)), 4, 512
     )
     module = ShardDataModule(ShardFolder(str(shard_folder)), encoder, batch_size=4, num_workers=num_workers,
-                             shuffle_buffer=shuffle_buffer, seed=seed)
+                             shuffle_buffer=shuffle_buffer, seed=seed, **batching)
     module.setup()
     return module
 
@@ -78,3 +78,23 @@ def test_more_readers_than_shards_is_refused(shard_folder):
     module = datamodule(shard_folder, num_workers=5)
     with pytest.raises(DataError, match="4 shard\\(s\\) but 1 rank\\(s\\) x 5 worker\\(s\\)"):
         module.train_dataloader()
+
+
+def test_length_grouping_makes_batches_of_like_lengths_and_keeps_every_sample(shard_folder):
+    grouped = list(datamodule(shard_folder, num_workers=0, batching="group", group_batches=6).train_dataloader())
+    random_batches = list(datamodule(shard_folder, num_workers=0).train_dataloader())
+    assert sorted(k for b in grouped for k in b["keys"]) == sorted(k for b in random_batches for k in b["keys"])
+
+    def real_share(batches):
+        return sum(b["num_real_tokens"] for b in batches) / sum(b["num_tokens"] for b in batches)
+
+    # Two lengths of answer: grouped batches hold one length each, so they carry no padding.
+    assert real_share(grouped) == 1.0 and real_share(random_batches) < 0.95
+
+
+def test_packed_batches_from_two_workers(shard_folder):
+    batches = list(datamodule(shard_folder, num_workers=2, batching="pack").train_dataloader())
+    assert sorted(k for b in batches for k in b["keys"]) == [f"s{i:02d}" for i in range(24)]
+    for batch in batches:
+        assert batch["input_ids"].shape == (1, batch["num_real_tokens"]) and batch["attention_mask"] is None
+        assert batch["pixel_values"].shape[0] == len(batch["keys"]) == batch["num_images"]

@@ -1,4 +1,11 @@
-"""Batch encoded samples: right-pad ids and labels, stack the images, carry the skips along."""
+"""Batch encoded samples, padded or packed, and carry the skips along.
+
+``pad`` (LLaVA's way): one sample per row, right-padded to the longest. ``pack``: the same samples
+laid end to end in as few rows as fit ``pack_length`` tokens (first-fit decreasing), position ids
+restarting at each sample; the decoder confines attention to each sample (``packed_sdpa``, or
+transformers' block-diagonal mask / flash-attention varlen), so the loss and gradients equal
+those of the padded batch while the padding disappears.
+"""
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -7,11 +14,37 @@ import torch
 
 from mmkit.data.samples import EncodedSample, SkippedSample
 from mmkit.data.templates.base import IGNORE_INDEX
+from mmkit.errors import ConfigError
+
+BATCHING = ("pad", "group", "pack")
+
+
+def first_fit_decreasing(lengths: Sequence[int], capacity: int | None) -> list[list[int]]:
+    """Indices of ``lengths`` grouped into bins of at most ``capacity`` (``None``: one bin)."""
+    if capacity is None:
+        return [list(range(len(lengths)))]
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        target = next((b for b, free in enumerate(room) if free >= lengths[index]), None)
+        if target is None:
+            bins.append([])
+            room.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(index)
+        room[target] -= lengths[index]
+    return bins
 
 
 class Collator:
-    def __init__(self, pad_token_id: int) -> None:
+    def __init__(self, pad_token_id: int, batching: str = "pad", pack_length: int | None = None) -> None:
+        if batching not in BATCHING:
+            raise ConfigError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
+        if pack_length is not None and pack_length < 1:
+            raise ConfigError(f"data.pack_length={pack_length}: must be a positive token count, or null for one row")
         self.pad_token_id = pad_token_id
+        self.pack = batching == "pack"
+        self.pack_length = pack_length
 
     def __call__(self, items: Sequence[EncodedSample | SkippedSample]) -> dict[str, Any]:
         samples = [item for item in items if isinstance(item, EncodedSample)]
@@ -20,20 +53,44 @@ class Collator:
         batch: dict[str, Any] = {"keys": [s.key for s in samples], "skipped": skipped}
         if not samples:
             return batch
-        length = max(len(s.input_ids) for s in samples)
-        input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), length), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample.input_ids)
-            input_ids[row, :n] = sample.input_ids
-            labels[row, :n] = sample.labels
-            attention_mask[row, :n] = 1
-        images = [s.pixel_values for s in samples if s.pixel_values is not None]
+        lengths = [len(s.input_ids) for s in samples]
+        if self.pack:
+            # A sample longer than a row still gets a row of its own.
+            rows = first_fit_decreasing(lengths, None if self.pack_length is None else max(self.pack_length, max(lengths)))
+        else:
+            rows = [[index] for index in range(len(samples))]
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        ordered: list[EncodedSample] = []  # images must follow the samples' reading order in the rows
+        for row_index, row in enumerate(rows):
+            start = 0
+            for index in row:
+                sample, end = samples[index], start + lengths[index]
+                input_ids[row_index, start:end] = sample.input_ids
+                labels[row_index, start:end] = sample.labels
+                # A sample's first label would be predicted by the previous sample's last token.
+                labels[row_index, start] = IGNORE_INDEX
+                attention_mask[row_index, start:end] = 1
+                position_ids[row_index, start:end] = torch.arange(lengths[index])
+                ordered.append(sample)
+                start = end
+            # The padding tail is a sample of its own (positions from 0), so no real token sees it.
+            position_ids[row_index, start:] = torch.arange(width - start)
+        images = [s.pixel_values for s in ordered if s.pixel_values is not None]
         batch.update(
+            keys=[s.key for s in ordered],
             input_ids=input_ids,
             labels=labels,
-            attention_mask=attention_mask,
+            # Packed rows carry no padding mask: the position ids say where each sample starts.
+            attention_mask=None if self.pack else attention_mask,
+            position_ids=position_ids if self.pack else None,
             pixel_values=torch.stack(images) if images else None,
+            num_real_tokens=sum(lengths),
+            sum_squared_lengths=sum(length**2 for length in lengths),
+            num_tokens=len(rows) * width,
+            num_images=len(images),
         )
         return batch

@@ -1,7 +1,9 @@
 """Streaming training data over WebDataset shards, split by rank and by dataloader worker."""
 from __future__ import annotations
 
+import random
 import warnings
+from typing import Any, Iterator
 
 import lightning as L
 import webdataset as wds
@@ -21,6 +23,11 @@ class ShardDataModule(L.LightningDataModule):
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
         seed: int = 0,
+        batching: str = "pad",
+        pack_length: int | None = None,
+        group_batches: int = 32,
+        prefetch_factor: int = 4,
+        pin_memory: bool = False,
     ) -> None:
         super().__init__()
         self.source = source
@@ -29,6 +36,10 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
+        self.collator = Collator(sample_encoder.tokenizer.pad_token_id, batching, pack_length)
+        self.group_batches = group_batches if batching == "group" else 0
+        self.prefetch_factor = prefetch_factor
+        self.pin_memory = pin_memory
         self.shards: ShardSet | None = None
 
     def prepare_data(self) -> None:
@@ -66,11 +77,34 @@ class ShardDataModule(L.LightningDataModule):
         )
         if shuffled:
             dataset = dataset.shuffle(self.shuffle_buffer, seed=self.seed)
-        collator = Collator(self.sample_encoder.tokenizer.pad_token_id)
-        dataset = dataset.map(self.sample_encoder).batched(self.batch_size, collation_fn=collator, partial=True)
+        dataset = dataset.map(self.sample_encoder)
+        if self.group_batches:
+            dataset = dataset.batched(self.batch_size * self.group_batches, collation_fn=list, partial=True)
+            dataset = dataset.compose(self._length_grouped).map(self.collator)
+        else:
+            dataset = dataset.batched(self.batch_size, collation_fn=self.collator, partial=True)
         batches = self.batches_per_epoch(world_size)
-        loader = wds.WebLoader(dataset, batch_size=None, num_workers=self.num_workers).with_epoch(batches)
+        workers = {"prefetch_factor": self.prefetch_factor} if self.num_workers else {}
+        loader = wds.WebLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory, **workers
+        ).with_epoch(batches)
         with warnings.catch_warnings():
             # with_length only gives the progress bar its total; with_epoch fixes the epoch's size.
             warnings.simplefilter("ignore", UserWarning)
             return loader.with_length(batches)
+
+    def _length_grouped(self, megabatches: Iterator[list[Any]]) -> Iterator[list[Any]]:
+        """LLaVA-1.5's ``group_by_modality_length`` for a stream: each megabatch of
+        ``group_batches`` micro-batches is sorted by (has image, length) and cut into micro-batches
+        of similar length, served in a seeded random order."""
+        order = random.Random(self.seed)
+        for items in megabatches:
+            items = sorted(items, key=_modality_length)
+            batches = [items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size)]
+            order.shuffle(batches)
+            yield from batches
+
+
+def _modality_length(item: Any) -> tuple[bool, int]:
+    input_ids = getattr(item, "input_ids", None)  # a skipped sample has none
+    return (getattr(item, "pixel_values", None) is not None, 0 if input_ids is None else len(input_ids))

@@ -65,12 +65,23 @@ class VisionLanguageModel(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> Any:
+        """Padded rows come with ``attention_mask``; packed rows with ``position_ids`` that restart
+        at each sample and no mask (see :mod:`mmkit.data.collate`)."""
         inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.decoder.model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels)
+        # No KV cache: a forward pass for the loss never reuses one, and transformers recognises
+        # packed rows by their position ids only when no cache is passed.
+        return self.decoder.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            use_cache=False,
+        )
 
     @torch.no_grad()
     def generate(

@@ -45,6 +45,7 @@ class LitVLM(L.LightningModule):
             attention_mask=batch["attention_mask"],
             pixel_values=batch["pixel_values"],
             labels=batch["labels"],
+            position_ids=batch["position_ids"],
         )
         self.samples_seen += len(batch["keys"])
         if self.sample_log is not None:

@@ -22,6 +22,7 @@ from mmkit.registry import DATASETS, TEMPLATES
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.training.module import LitVLM
 from mmkit.training.stages import configure_trainable, count_parameters
+from mmkit.training.throughput import FlopModel, ThroughputMonitor
 from mmkit.training.trainer import build_trainer
 
 PREVIOUS = "previous"
@@ -100,6 +101,11 @@ def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLangu
         num_workers=cfg.data.num_workers,
         shuffle_buffer=cfg.data.shuffle_buffer,
         seed=cfg.seed,
+        batching=cfg.data.batching,
+        pack_length=cfg.data.pack_length,
+        group_batches=cfg.data.group_batches,
+        prefetch_factor=cfg.data.prefetch_factor,
+        pin_memory=cfg.trainer.accelerator != "cpu" and torch.cuda.is_available(),
     )
 
 
@@ -116,7 +122,10 @@ def run_stage(
     trainable, total = count_parameters(model)
 
     datamodule = _stage_data(cfg, stage, key, model)
-    trainer = build_trainer(as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps)
+    throughput = ThroughputMonitor(FlopModel.of(model), cfg.peak_tflops)
+    trainer = build_trainer(
+        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, callbacks=[throughput]
+    )
     # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
@@ -145,6 +154,7 @@ def run_stage(
         "connector_from": connector_from,
         "skipped_samples": len(skipped),
         "wall_time_s": round(wall_time, 2),
+        "throughput": throughput.summary(),  # this rank's; every rank sees batches of the same size
         "global_batch_size": stage.global_batch_size,
         "world_size": trainer.world_size,
         "shards_sha256": datamodule.shards.sha256 if datamodule.shards else {},

@@ -40,7 +40,14 @@ def build_strategy(strategy: Any, model: nn.Module) -> Any:
     )
 
 
-def build_trainer(trainer_cfg: dict[str, Any], model: nn.Module, stage_dir: Path, max_epochs: int, max_steps: int) -> L.Trainer:
+def build_trainer(
+    trainer_cfg: dict[str, Any],
+    model: nn.Module,
+    stage_dir: Path,
+    max_epochs: int,
+    max_steps: int,
+    callbacks: list[L.Callback] | None = None,
+) -> L.Trainer:
     options = dict(trainer_cfg)
     options["strategy"] = build_strategy(options.get("strategy", "auto"), model)
     return L.Trainer(
@@ -52,4 +59,5 @@ def build_trainer(trainer_cfg: dict[str, Any], model: nn.Module, stage_dir: Path
         # Stage weights are written by the recipe as safetensors (trainable parameters only).
         enable_checkpointing=False,
         num_sanity_val_steps=0,
+        callbacks=callbacks,
     )

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mmkit.errors import ConfigError
+from mmkit.models.decoders import packed_attention  # noqa: F401  registers attn_implementation=packed_sdpa
 from mmkit.models.decoders.base import IMAGE_TOKEN, LanguageDecoder
 from mmkit.models.hub import resolve_model_path
 from mmkit.registry import DECODERS

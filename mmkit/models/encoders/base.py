@@ -32,6 +32,7 @@ class VisionEncoder(nn.Module):
     image_stats: ImageStats
     num_patches: int
     num_prefix_tokens: int  # CLS and register tokens ahead of the patches
+    num_blocks: int = 0  # transformer blocks, for counting attention FLOPs (0: not counted)
 
     def __init__(self, layer: int, select: str, frozen: bool) -> None:
         super().__init__()

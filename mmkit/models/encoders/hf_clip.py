@@ -26,6 +26,7 @@ class HFCLIPEncoder(VisionEncoder):
         self.hidden_state_index = self._check_layer(config.num_hidden_layers)
         self.model = CLIPVisionModel.from_pretrained(local, dtype=getattr(torch, dtype) if dtype else None)
         self.hidden_size = config.hidden_size
+        self.num_blocks = config.num_hidden_layers
         self.num_patches = (config.image_size // config.patch_size) ** 2
         self.num_prefix_tokens = 1
         processor = CLIPImageProcessor.from_pretrained(local)

@@ -1,0 +1,145 @@
+"""Packing and length grouping: no wasted tokens, and not a digit of the maths changed."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmkit.data.collate import Collator, first_fit_decreasing
+from mmkit.data.samples import EncodedSample, SkippedSample
+from mmkit.data.templates.base import IGNORE_INDEX
+from mmkit.errors import ConfigError
+from mmkit.models.decoders.packed_attention import sample_spans
+from mmkit.training.throughput import FlopModel
+
+from conftest import compose
+
+LENGTHS = [23, 5, 61, 14, 40, 9, 33]
+
+
+@pytest.fixture(scope="module")
+def gqa_lm(tmp_path_factory):
+    """A random Llama with grouped-query attention (2 key/value heads for 4 query heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+
+    folder = tmp_path_factory.mktemp("gqa_lm")
+    tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def build(lm_folder, attention: str):
+    from mmkit.models.build import build_model
+
+    torch.manual_seed(1)
+    model = build_model(compose([f"decoder.path={lm_folder}", f"decoder.attn_implementation={attention}"]))
+    model.decoder.requires_grad_(True)
+    return model.float()
+
+
+def samples(model, lengths=LENGTHS) -> list[EncodedSample]:
+    generator = torch.Generator().manual_seed(2)
+    size = model.encoder.image_stats.size
+    result = []
+    for index, length in enumerate(lengths):
+        with_image = index % 3 != 1
+        text = length - (model.num_image_tokens if with_image else 0)
+        ids = torch.randint(5, model.image_token_id, (max(text, 2),), generator=generator)
+        if with_image:
+            image = torch.full((model.num_image_tokens,), model.image_token_id)
+            ids = torch.cat([ids[:1], image, ids[1:]])
+        labels = ids.clone()
+        labels[: len(ids) // 2] = IGNORE_INDEX  # the prompt; the reply is the rest
+        pixels = torch.randn(3, size, size, generator=generator) if with_image else None
+        result.append(EncodedSample(f"s{index}", ids, labels, pixels))
+    return result
+
+
+def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    loss = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+        labels=batch["labels"], position_ids=batch["position_ids"],
+    ).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+@pytest.mark.parametrize("pack_length", [None, 96])
+def test_packed_loss_and_gradients_equal_the_padded_ones(gqa_lm, attention, pack_length):
+    model = build(gqa_lm, attention)
+    items = samples(model)
+    pad_token = model.tokenizer.pad_token_id
+    padded = Collator(pad_token, "pad")(items)
+    packed = Collator(pad_token, "pack", pack_length)(items)
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
+    padded_loss, padded_grads = loss_and_grads(model, padded)
+    packed_loss, packed_grads = loss_and_grads(model, packed)
+    assert packed_loss == pytest.approx(padded_loss, rel=1e-6)
+    assert padded_grads.keys() == packed_grads.keys() and any(n.startswith("connector.") for n in padded_grads)
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_packed_sdpa_equals_sdpa_where_nothing_is_packed(gqa_lm):
+    """Padded batches (and generation) take transformers' own sdpa path unchanged."""
+    items = samples(build(gqa_lm, "sdpa"))
+    batch = Collator(0, "pad")(items)
+    logits = {}
+    for attention in ("sdpa", "packed_sdpa"):
+        model = build(gqa_lm, attention).eval()
+        with torch.no_grad():
+            logits[attention] = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits["packed_sdpa"][mask], logits["sdpa"][mask], rtol=0, atol=1e-5)
+
+
+def test_packing_lays_samples_end_to_end():
+    items = [EncodedSample(f"k{i}", torch.arange(1, n + 1), torch.arange(1, n + 1), None) for i, n in enumerate([5, 3, 4])]
+    items.append(SkippedSample("bad", "undecodable image"))
+    batch = Collator(0, "pack")(items)
+    assert batch["input_ids"].shape == (1, 12) and batch["attention_mask"] is None
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 2, 3]]
+    # Each sample's first label is ignored: the previous sample's last token must not predict it.
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 2, 3, 4, 5, IGNORE_INDEX, 2, 3, IGNORE_INDEX, 2, 3, 4]]
+    assert batch["keys"] == ["k0", "k1", "k2"] and batch["skipped"] == [("bad", "undecodable image")]
+    assert (batch["num_real_tokens"], batch["num_tokens"], batch["sum_squared_lengths"]) == (12, 12, 50)
+    rows = Collator(0, "pack", pack_length=8)(items[:3])
+    assert rows["input_ids"].shape == (2, 8) and rows["num_tokens"] == 16
+    assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
+    assert sample_spans(rows["position_ids"]) == [[(0, 5), (5, 8)], [(0, 4), (4, 8)]]
+
+
+def test_first_fit_decreasing_and_bad_settings():
+    assert first_fit_decreasing([5, 3, 4, 2, 6], 8) == [[4, 3], [0, 1], [2]]
+    assert first_fit_decreasing([5, 3], None) == [[0, 1]]
+    with pytest.raises(ConfigError, match="data.batching='padded'"):
+        Collator(0, "padded")
+    with pytest.raises(ConfigError, match="data.pack_length=0"):
+        Collator(0, "pack", 0)
+
+
+@pytest.mark.parametrize("frozen_decoder", [False, True])
+def test_flop_model_matches_torch_flop_counter(gqa_lm, frozen_decoder):
+    """The analytic FLOPs of a training step against torch's own count of the same step. Eager
+    attention, whose matmuls torch can see, over equal lengths, so padding adds nothing."""
+    model = build(gqa_lm, "eager")
+    model.encoder.requires_grad_(False)  # as in training: a frozen tower, forward only
+    model.decoder.requires_grad_(not frozen_decoder)  # stage 1: activation gradients only
+    batch = Collator(model.tokenizer.pad_token_id, "pad")(samples(model, [40] * 4))
+    with FlopCounterMode(display=False) as counter:
+        loss_and_grads(model, batch)
+    predicted = FlopModel.of(model).step_flops(batch["num_images"], batch["num_real_tokens"], batch["sum_squared_lengths"])
+    # The encoder's attention runs through CPU SDPA, which torch's counter does not see.
+    encoder = model.encoder
+    unseen = 4 * encoder.num_blocks * encoder.hidden_size * (encoder.num_patches + 1) ** 2 * batch["num_images"]
+    assert predicted - unseen == pytest.approx(counter.get_total_flops(), rel=0.01)

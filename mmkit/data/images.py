@@ -1,4 +1,17 @@
-"""Image preprocessing: LLaVA's resize + center crop, or LLaVA-1.5's pad-to-square."""
+"""Image preprocessing: LLaVA's resize + center crop, or LLaVA-1.5's pad-to-square, as tensor ops.
+
+The numbers are those of transformers' ``CLIPImageProcessor`` (its torchvision backend) for
+``size={"shortest_edge": S}``, ``crop_size=S``, bicubic resampling and the encoder's mean/std:
+the shortest edge is resized to ``S`` (the other to ``int(S * long / short)``) with antialiased
+bicubic on the uint8 image, the centre ``S x S`` is cropped, and ``(x - 255 mean) / (255 std)``
+is taken in float32. ``pad`` mode first pastes the image centred on a square canvas of the
+encoder's mean colour (LLaVA-1.5's ``expand2square``), which normalises to zero.
+
+Bytes go straight to a uint8 ``[3, H, W]`` tensor (``ImageProcessor.preprocess_bytes``): JPEG
+through torchvision's libjpeg-turbo decoder, every other format through PIL. PNG stays on PIL on
+purpose: torchvision 0.29's ``decode_png`` crashes the whole process (SIGSEGV after a libpng
+error) on a PNG whose compressed rows are corrupt, where PIL raises an ordinary error.
+"""
 from __future__ import annotations
 
 import io
@@ -6,53 +19,145 @@ import io
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms.v2 import functional as tvF
 
 from mmkit.errors import ConfigError, DataError
 from mmkit.models.encoders.base import ImageStats
 
 MODES = ("crop", "pad")
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class ImageProcessor:
-    """PIL image -> normalised ``[3, size, size]`` float tensor for one encoder."""
+    """An image (PIL, uint8 ``[3,H,W]`` tensor, or encoded bytes) -> normalised ``[3, size, size]`` float tensor.
+
+    Tensors stay channels-last (``[3, H, W]`` views of ``H x W x 3`` memory) until the final
+    float conversion: torch's uint8 antialiased resize works in that layout, so it is not
+    transposed back and forth. The output is contiguous.
+    """
 
     def __init__(self, stats: ImageStats, mode: str = "pad") -> None:
         if mode not in MODES:
             raise ConfigError(f"data.image_mode={mode!r}: choose one of {', '.join(MODES)}")
         self.stats = stats
         self.mode = mode
-        self._mean = torch.tensor(stats.mean).view(3, 1, 1)
-        self._std = torch.tensor(stats.std).view(3, 1, 1)
+        # Rescale (1/255) and normalise fused, as transformers does: (x - 255 mean) / (255 std).
+        self._mean = torch.tensor(stats.mean, dtype=torch.float32) * (1.0 / (1 / 255))
+        self._std = torch.tensor(stats.std, dtype=torch.float32) * (1.0 / (1 / 255))
+        # LLaVA-1.5 pads with the encoder's mean colour, which normalises to (about) zero; truncated
+        # to uint8 as LLaVA's expand2square and transformers' LlavaImageProcessor do, so an exported
+        # model's HF processor reproduces training's pixels exactly.
+        self._fill = torch.tensor([int(channel * 255) for channel in stats.mean], dtype=torch.uint8)
 
-    def __call__(self, image: Image.Image) -> torch.Tensor:
-        size = self.stats.size
-        image = image.convert("RGB")
+    def __call__(self, image: Image.Image | torch.Tensor | bytes) -> torch.Tensor:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            return self.preprocess_bytes(bytes(image))
+        pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
+        return self.preprocess(pixels)
+
+    def preprocess_bytes(self, data: bytes) -> torch.Tensor:
+        """Encoded image bytes -> normalised ``[3, size, size]``; DataError if they do not decode."""
+        return self.preprocess(decode_image_tensor(data))
+
+    def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RGB uint8 ``[3, H, W]`` -> normalised float32 ``[3, size, size]``."""
+        return self.normalize(self.resize_and_crop(pixels))
+
+    def resize_and_crop(self, pixels: torch.Tensor) -> torch.Tensor:
+        """RGB uint8 ``[3, H, W]`` -> uint8 ``[3, size, size]`` (padded first in ``pad`` mode): all
+        of the processing but the normalisation, so a loader can batch and ship 1 byte per value."""
+        if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
+            raise ValueError(f"expected an RGB uint8 [3, H, W] tensor, got {pixels.dtype} {tuple(pixels.shape)}")
         if self.mode == "pad":
-            image = self._pad_to_square(image).resize((size, size), Image.BICUBIC)
-        else:
-            image = self._resize_and_crop(image, size)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (pixels - self._mean) / self._std
+            pixels = self._pad_to_square(pixels)
+        pixels = self._resize_shortest_edge(pixels, self.stats.size)
+        return _center_crop(pixels, self.stats.size)
 
-    def _pad_to_square(self, image: Image.Image) -> Image.Image:
-        width, height = image.size
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[..., 3, H, W]`` (one image or a batch, on any device) -> contiguous float32
+        ``(x - 255 mean) / (255 std)``; the same numbers as ``preprocess``, on a GPU too."""
+        if pixels.dtype != torch.uint8:
+            raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+        floats = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # a new tensor: normalised in place
+        mean, std = self._mean.to(floats.device), self._std.to(floats.device)
+        return tvF.normalize(floats, mean, std, inplace=True)
+
+    def _pad_to_square(self, pixels: torch.Tensor) -> torch.Tensor:
+        _, height, width = pixels.shape
         if width == height:
-            return image
+            return pixels
+        # The image centred at ((side - w) // 2, (side - h) // 2), as PIL's paste in expand2square.
+        # Built as H x W x 3 (channels last), the layout decoders produce and the resize runs fastest on.
         side = max(width, height)
-        # LLaVA-1.5 pads with the encoder's mean colour, which normalises to zero.
-        fill = tuple(int(round(channel * 255)) for channel in self.stats.mean)
-        canvas = Image.new("RGB", (side, side), fill)
-        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-        return canvas
+        rows = pixels.permute(1, 2, 0)
+        dim, before = (0, (side - height) // 2) if width > height else (1, (side - width) // 2)
+        band = list(rows.shape)
+        band[dim] = before
+        first = self._fill.expand(band)
+        band[dim] = side - rows.shape[dim] - before
+        return torch.cat([first, rows, self._fill.expand(band)], dim=dim).permute(2, 0, 1)
 
     @staticmethod
-    def _resize_and_crop(image: Image.Image, size: int) -> Image.Image:
-        width, height = image.size
-        scale = size / min(width, height)
-        resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
-        left = (resized.width - size) // 2
-        top = (resized.height - size) // 2
-        return resized.crop((left, top, left + size, top + size))
+    def _resize_shortest_edge(pixels: torch.Tensor, size: int) -> torch.Tensor:
+        _, height, width = pixels.shape
+        # transformers' get_resize_output_image_size: the long edge is truncated, not rounded.
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(size * long / short)
+        new_height, new_width = (new_long, size) if width <= height else (size, new_long)
+        if (new_height, new_width) == (height, width):
+            return pixels
+        # uint8 in, uint8 out: torch's native antialiased bicubic kernel for uint8 (as transformers).
+        return tvF.resize(
+            pixels, [new_height, new_width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True
+        )
+
+
+def _center_crop(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    _, height, width = pixels.shape
+    top = int((height - size) / 2.0)
+    left = int((width - size) / 2.0)
+    return pixels[:, top : top + size, left : left + size]
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL image -> RGB uint8 ``[3, H, W]``; transparency is composited onto white (as transformers does)."""
+    if image.mode != "RGB":
+        if "A" in image.getbands() or image.info.get("transparency") is not None:
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        else:
+            image = image.convert("RGB")
+    # A [3, H, W] view of the H x W x 3 array (channels-last strides), as torchvision's decoders return.
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)
+
+
+def decode_image_tensor(data: bytes) -> torch.Tensor:
+    """Bytes -> RGB uint8 ``[3, H, W]``; a corrupt or truncated file raises DataError."""
+    if not data:
+        raise DataError("undecodable image: the file is empty")
+    if data[:3] == JPEG_MAGIC:
+        _refuse_decompression_bombs(data)
+        try:
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+        except RuntimeError as exc:
+            # A JPEG variant libjpeg-turbo rejects may still be one PIL reads; if not, say why.
+            reason = str(exc).rsplit(", ", 1)[-1].strip()
+            try:
+                return pil_to_tensor(decode_image(data))
+            except DataError:
+                raise DataError(f"undecodable image: JPEG: {reason}") from None
+    return pil_to_tensor(decode_image(data))
+
+
+def _refuse_decompression_bombs(data: bytes) -> None:
+    """PIL reads the header alone (~40 us) and refuses oversized images, as decoding with PIL does."""
+    try:
+        Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"undecodable image: {exc}") from None
+    except Exception:  # noqa: BLE001
+        return  # an unreadable header: the decoder gives the reason
 
 
 def decode_image(data: bytes) -> Image.Image:
@@ -60,6 +165,8 @@ def decode_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+    except UnidentifiedImageError:
+        raise DataError("undecodable image: not a recognised image format") from None
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
         raise DataError(f"undecodable image: {exc}") from None
     return image

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmkit.data.images import ImageProcessor, decode_image
+from mmkit.data.images import ImageProcessor
 from mmkit.data.llava_json import IMAGE_EXTENSIONS
 from mmkit.data.templates.base import IGNORE_INDEX, ConversationTemplate
 from mmkit.errors import DataError
@@ -75,7 +75,7 @@ class SampleEncoder:
             raise DataError(f"{len(encoded.input_ids)} tokens exceed data.max_length={self.max_length}")
         if all(label == IGNORE_INDEX for label in encoded.labels):
             raise DataError("no assistant tokens to train on")
-        pixel_values = None if image_bytes is None else self.image_processor(decode_image(image_bytes))
+        pixel_values = None if image_bytes is None else self.image_processor.preprocess_bytes(image_bytes)
         return EncodedSample(
             key=key,
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
@@ -61,21 +61,23 @@ def packed_sdpa_attention(
     position_ids = kwargs.get("position_ids")
     if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    grouped_query = query.shape[1] != key.shape[1]
     position_ids = position_ids.expand(query.shape[0], -1)
     rows = []
     for row, spans in enumerate(sample_spans(position_ids)):
+        sizes = [end - start for start, end in spans]
+        # split, not slicing: its backward writes each gradient once instead of a zero-filled
+        # full-length tensor per sample.
         pieces = [
             F.scaled_dot_product_attention(
-                query[row : row + 1, :, start:end],
-                key[row : row + 1, :, start:end],
-                value[row : row + 1, :, start:end],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
+                sample_query, sample_key, sample_value, dropout_p=dropout, scale=scaling, is_causal=True,
+                enable_gqa=grouped_query,
             )
-            for start, end in spans
+            for sample_query, sample_key, sample_value in zip(
+                query[row : row + 1].split(sizes, dim=2),
+                key[row : row + 1].split(sizes, dim=2),
+                value[row : row + 1].split(sizes, dim=2),
+            )
         ]
         rows.append(torch.cat(pieces, dim=2))
     # transformers' attention functions return [batch, length, heads, head_dim].

@@ -109,6 +109,8 @@ def test_default_recipe_writes_a_traceable_run_folder(tmp_path):
         assert stage["shards_sha256"] and all(len(h) == 64 for h in stage["shards_sha256"].values())
         assert stage["total_params"] > stage["trainable_params"]
     assert summary["seed"] == 0 and summary["versions"]["torch"] and "commit" in summary["git"]
+    logged = (tmp_path / "pretrain" / "metrics.csv").read_text().splitlines()[0]
+    assert "throughput/real_tokens_per_s" in logged and "throughput/real_token_share" in logged
     composed = (tmp_path / ".hydra" / "config.yaml").read_text()
     assert "name: linear" in composed and "layer: -1" in composed
     with safe_open(str(tmp_path / "pretrain" / "trainable.safetensors"), "pt") as handle:

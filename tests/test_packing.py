@@ -9,7 +9,7 @@ from mmkit.data.collate import Collator, first_fit_decreasing
 from mmkit.data.samples import EncodedSample, SkippedSample
 from mmkit.data.templates.base import IGNORE_INDEX
 from mmkit.errors import ConfigError
-from mmkit.models.decoders.packed_attention import sample_spans
+from mmkit.models.decoders.packed_attention import sample_lengths
 from mmkit.training.throughput import FlopModel
 
 from conftest import compose
@@ -67,20 +67,24 @@ def loss_and_grads(model, batch) -> tuple[float, dict[str, torch.Tensor]]:
     model.zero_grad()
     loss = model(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
-        labels=batch["labels"], position_ids=batch["position_ids"],
+        labels=batch["labels"], position_ids=batch["position_ids"], sample_lengths=batch["sample_lengths"],
     ).loss
     loss.backward()
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("attention", ["packed_sdpa", "sdpa"])
+@pytest.mark.parametrize("attention", ["packed_sdpa", "packed_sdpa/positions only", "sdpa"])
 @pytest.mark.parametrize("pack_length", [None, 96])
 def test_packed_loss_and_gradients_equal_the_padded_ones(gqa_lm, attention, pack_length):
-    model = build(gqa_lm, attention)
+    """packed_sdpa with the collator's lengths or from position ids alone; transformers' sdpa
+    with its block-diagonal mask."""
+    model = build(gqa_lm, attention.split("/")[0])
     items = samples(model)
     pad_token = model.tokenizer.pad_token_id
     padded = Collator(pad_token, "pad")(items)
     packed = Collator(pad_token, "pack", pack_length)(items)
+    if attention.endswith("positions only"):
+        packed["sample_lengths"] = None
     assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]
     padded_loss, padded_grads = loss_and_grads(model, padded)
     packed_loss, packed_grads = loss_and_grads(model, packed)
@@ -116,7 +120,8 @@ def test_packing_lays_samples_end_to_end():
     rows = Collator(0, "pack", pack_length=8)(items[:3])
     assert rows["input_ids"].shape == (2, 8) and rows["num_tokens"] == 16
     assert rows["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2], [0, 1, 2, 3, 0, 1, 2, 3]]
-    assert sample_spans(rows["position_ids"]) == [[(0, 5), (5, 8)], [(0, 4), (4, 8)]]
+    assert sample_lengths(rows["position_ids"]) == rows["sample_lengths"] == [5, 3, 4, 4]
+    assert batch["sample_lengths"] == [5, 3, 4]
 
 
 def test_first_fit_decreasing_and_bad_settings():
@@ -143,3 +148,16 @@ def test_flop_model_matches_torch_flop_counter(gqa_lm, frozen_decoder):
     encoder = model.encoder
     unseen = 4 * encoder.num_blocks * encoder.hidden_size * (encoder.num_patches + 1) ** 2 * batch["num_images"]
     assert predicted - unseen == pytest.approx(counter.get_total_flops(), rel=0.01)
+
+
+def test_uint8_images_are_normalised_by_the_model_as_by_the_processor(gqa_lm):
+    """The data pipeline ships uint8 pixels (a quarter of the bytes); the model normalises them."""
+    from mmkit.data.images import ImageProcessor
+
+    model = build(gqa_lm, "packed_sdpa").eval()
+    size = model.encoder.image_stats.size
+    pixels = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    processor = ImageProcessor(model.encoder.image_stats)
+    normalised = torch.stack([processor.preprocess(image) for image in pixels])
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_images(pixels), model.encode_images(normalised), rtol=0, atol=0)

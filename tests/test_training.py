@@ -26,14 +26,43 @@ def changed(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]
     return {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
 
 
+ENCODER_GRAD_MODES: list[bool] = []
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory):
     """A stage-1 run on a fresh model: (cfg, model, weights before, summary, checkpoint)."""
     cfg = compose(TINY_RUN + STEPS)
     model = build_model(cfg)
     before = snapshot(model)
+    hook = model.encoder.register_forward_hook(lambda *_: ENCODER_GRAD_MODES.append(torch.is_grad_enabled()))
     summary, checkpoint = run_stage(cfg, "pretrain", model, tmp_path_factory.mktemp("run"), previous=None)
+    hook.remove()
     return cfg, model, before, summary, checkpoint
+
+
+def test_frozen_weights_cost_nothing_in_stage1(stage1):
+    """No gradient, no optimizer state for frozen weights; the frozen tower runs without autograd."""
+    from types import SimpleNamespace
+
+    from mmkit.training.module import LitVLM
+
+    _, model, _, _, _ = stage1
+    assert ENCODER_GRAD_MODES and not any(ENCODER_GRAD_MODES)
+    assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("connector."))
+    lit = LitVLM(model, {"lr": 1e-3}, {})
+    lit._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    optimizer = lit.configure_optimizers()["optimizer"]
+    optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.connector.parameters()}
+
+
+def test_every_stage_reports_its_throughput(stage1):
+    throughput = stage1[3]["throughput"]
+    assert throughput["tokens_per_s"] > 0 and throughput["images_per_s"] > 0 and throughput["samples_per_s"] > 0
+    assert 0 < throughput["real_token_share"] <= 1 and throughput["real_tokens_per_s"] <= throughput["tokens_per_s"]
+    assert throughput["model_tflops_per_s"] > 0 and 0 <= throughput["data_wait_share"] < 1
+    assert throughput["mfu"] is None and throughput["peak_tflops"] is None  # no peak to divide by on a CPU
 
 
 def test_stage1_changes_only_connector_weights(stage1):

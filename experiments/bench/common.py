@@ -125,15 +125,18 @@ def make_samples(lengths: list[tuple[int, bool]], model, seed: int = 0) -> list[
     return samples
 
 
-def alternate(sides: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each side, called in turn ``repeats`` times (order reversed every round)."""
-    times: dict[str, list[float]] = {name: [] for name in sides}
+def alternate(sides: dict[str, Callable[[], None]], repeats: int) -> dict[str, dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call of each side, called in turn ``repeats`` times (order
+    reversed every round). With one torch thread, CPU seconds are blind to waiting for a core
+    that another job holds, so they are the steadier figure on a shared machine."""
+    times: dict[str, dict[str, list[float]]] = {name: {"wall": [], "cpu": []} for name in sides}
     names = list(sides)
     for round_index in range(repeats):
         for name in names if round_index % 2 == 0 else reversed(names):
-            started = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             sides[name]()
-            times[name].append(time.perf_counter() - started)
+            times[name]["wall"].append(time.perf_counter() - wall)
+            times[name]["cpu"].append(time.process_time() - cpu)
     return times
 
 

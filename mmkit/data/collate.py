@@ -65,6 +65,7 @@ class Collator:
         attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
         ordered: list[EncodedSample] = []  # images must follow the samples' reading order in the rows
+        segments: list[int] = []  # every sample's (and padding tail's) length, row after row
         for row_index, row in enumerate(rows):
             start = 0
             for index in row:
@@ -79,6 +80,7 @@ class Collator:
                 start = end
             # The padding tail is a sample of its own (positions from 0), so no real token sees it.
             position_ids[row_index, start:] = torch.arange(width - start)
+            segments += [lengths[index] for index in row] + ([width - start] if width > start else [])
         images = [s.pixel_values for s in ordered if s.pixel_values is not None]
         batch.update(
             keys=[s.key for s in ordered],
@@ -87,6 +89,8 @@ class Collator:
             # Packed rows carry no padding mask: the position ids say where each sample starts.
             attention_mask=None if self.pack else attention_mask,
             position_ids=position_ids if self.pack else None,
+            # A plain list, so it stays on the host: attention reads it without a device sync.
+            sample_lengths=segments if self.pack else None,
             pixel_values=torch.stack(images) if images else None,
             num_real_tokens=sum(lengths),
             sum_squared_lengths=sum(length**2 for length in lengths),

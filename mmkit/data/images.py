@@ -42,9 +42,6 @@ class ImageProcessor:
             raise ConfigError(f"data.image_mode={mode!r}: choose one of {', '.join(MODES)}")
         self.stats = stats
         self.mode = mode
-        # Rescale (1/255) and normalise fused, as transformers does: (x - 255 mean) / (255 std).
-        self._mean = torch.tensor(stats.mean, dtype=torch.float32) * (1.0 / (1 / 255))
-        self._std = torch.tensor(stats.std, dtype=torch.float32) * (1.0 / (1 / 255))
         # LLaVA-1.5 pads with the encoder's mean colour, which normalises to (about) zero; truncated
         # to uint8 as LLaVA's expand2square and transformers' LlavaImageProcessor do, so an exported
         # model's HF processor reproduces training's pixels exactly.
@@ -75,13 +72,9 @@ class ImageProcessor:
         return _center_crop(pixels, self.stats.size)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[..., 3, H, W]`` (one image or a batch, on any device) -> contiguous float32
-        ``(x - 255 mean) / (255 std)``; the same numbers as ``preprocess``, on a GPU too."""
-        if pixels.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
-        floats = pixels.to(torch.float32, memory_format=torch.contiguous_format)  # a new tensor: normalised in place
-        mean, std = self._mean.to(floats.device), self._std.to(floats.device)
-        return tvF.normalize(floats, mean, std, inplace=True)
+        """uint8 ``[..., 3, H, W]`` (one image or a batch, on any device) -> contiguous float32;
+        the same numbers as ``preprocess``. Training ships uint8 and normalises on the device."""
+        return self.stats.normalize(pixels)
 
     def _pad_to_square(self, pixels: torch.Tensor) -> torch.Tensor:
         _, height, width = pixels.shape

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmkit.data.images import ImageProcessor
+from mmkit.data.images import ImageProcessor, decode_image_tensor
 from mmkit.data.llava_json import IMAGE_EXTENSIONS
 from mmkit.data.templates.base import IGNORE_INDEX, ConversationTemplate
 from mmkit.errors import DataError
@@ -75,7 +75,9 @@ class SampleEncoder:
             raise DataError(f"{len(encoded.input_ids)} tokens exceed data.max_length={self.max_length}")
         if all(label == IGNORE_INDEX for label in encoded.labels):
             raise DataError("no assistant tokens to train on")
-        pixel_values = None if image_bytes is None else self.image_processor.preprocess_bytes(image_bytes)
+        # uint8 until the model normalises it on its device: a quarter of the bytes through
+        # the worker queues and host-to-device copies.
+        pixel_values = None if image_bytes is None else self.image_processor.resize_and_crop(decode_image_tensor(image_bytes))
         return EncodedSample(
             key=key,
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),

@@ -1,6 +1,7 @@
 """The vision-language model: encoder -> connector -> image embeddings placed in the decoder's input."""
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -29,7 +30,10 @@ class VisionLanguageModel(nn.Module):
         return self.decoder.image_token_id
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Images ``[n,3,H,W]`` -> embeddings ``[n, num_image_tokens, E]`` in the decoder's space."""
+        """Images ``[n,3,H,W]`` -> embeddings ``[n, num_image_tokens, E]`` in the decoder's space.
+        uint8 images (as training's data pipeline ships them) are normalised here first."""
+        if pixel_values.dtype == torch.uint8:
+            pixel_values = self.encoder.image_stats.normalize(pixel_values)
         if self.encoder.frozen:
             with torch.no_grad():
                 image_features = self.encoder(pixel_values)
@@ -69,10 +73,19 @@ class VisionLanguageModel(nn.Module):
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        sample_lengths: list[int] | None = None,
     ) -> Any:
         """Padded rows come with ``attention_mask``; packed rows with ``position_ids`` that restart
-        at each sample and no mask (see :mod:`mmkit.data.collate`)."""
+        at each sample, no mask, and the samples' lengths (see :mod:`mmkit.data.collate`)."""
         inputs_embeds = self.embed(input_ids, pixel_values)
+        packed: dict[str, Any] = {}
+        if sample_lengths:
+            # packed_sdpa reads the lengths; flash-attention's varlen kernel the cumulative offsets.
+            offsets = torch.tensor([0, *itertools.accumulate(sample_lengths)], dtype=torch.int32)
+            offsets = offsets.to(input_ids.device, non_blocking=True)
+            longest = max(sample_lengths)
+            packed = {"packed_lengths": sample_lengths, "cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,
+                      "max_length_q": longest, "max_length_k": longest}
         # No KV cache: a forward pass for the loss never reuses one, and transformers recognises
         # packed rows by their position ids only when no cache is passed.
         return self.decoder.model(
@@ -81,6 +94,7 @@ class VisionLanguageModel(nn.Module):
             position_ids=position_ids,
             labels=labels,
             use_cache=False,
+            **packed,
         )
 
     @torch.no_grad()

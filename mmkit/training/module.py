@@ -46,6 +46,7 @@ class LitVLM(L.LightningModule):
             pixel_values=batch["pixel_values"],
             labels=batch["labels"],
             position_ids=batch["position_ids"],
+            sample_lengths=batch["sample_lengths"],
         )
         self.samples_seen += len(batch["keys"])
         if self.sample_log is not None:

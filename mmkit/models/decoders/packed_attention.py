@@ -19,17 +19,13 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 NAME = "packed_sdpa"
 
 
-def sample_spans(position_ids: torch.Tensor) -> list[list[tuple[int, int]]]:
-    """Per row, the ``(start, end)`` of each sample: a new sample starts wherever a position does
-    not follow its predecessor by one (the same rule as transformers' packed-sequence detection)."""
+def sample_lengths(position_ids: torch.Tensor) -> list[int]:
+    """The length of each sample, row after row: a new sample starts wherever a position does not
+    follow its predecessor by one (transformers' rule for packed sequences), and at every row."""
     starts_mask = torch.ones_like(position_ids, dtype=torch.bool)
     starts_mask[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
-    length = position_ids.shape[1]
-    spans = []
-    for row in starts_mask.tolist():
-        starts = [index for index, is_start in enumerate(row) if is_start]
-        spans.append(list(zip(starts, starts[1:] + [length])))
-    return spans
+    starts = starts_mask.flatten().nonzero().flatten().tolist() + [position_ids.numel()]
+    return [end - start for start, end in zip(starts, starts[1:])]
 
 
 def packed_sdpa_mask(
@@ -58,30 +54,30 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    lengths = kwargs.get("packed_lengths")
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None or query.shape[2] != key.shape[2]:
+    if attention_mask is not None or (lengths is None and position_ids is None) or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    grouped_query = query.shape[1] != key.shape[1]
-    position_ids = position_ids.expand(query.shape[0], -1)
-    rows = []
-    for row, spans in enumerate(sample_spans(position_ids)):
-        sizes = [end - start for start, end in spans]
-        # split, not slicing: its backward writes each gradient once instead of a zero-filled
-        # full-length tensor per sample.
-        pieces = [
-            F.scaled_dot_product_attention(
-                sample_query, sample_key, sample_value, dropout_p=dropout, scale=scaling, is_causal=True,
-                enable_gqa=grouped_query,
-            )
-            for sample_query, sample_key, sample_value in zip(
-                query[row : row + 1].split(sizes, dim=2),
-                key[row : row + 1].split(sizes, dim=2),
-                value[row : row + 1].split(sizes, dim=2),
-            )
-        ]
-        rows.append(torch.cat(pieces, dim=2))
+    if lengths is None:  # costs a device sync per layer; mmkit's packed batches carry the lengths
+        lengths = sample_lengths(position_ids.expand(query.shape[0], -1))
+    batch, heads, length, _ = query.shape
+
+    def flat(states: torch.Tensor) -> list[torch.Tensor]:
+        # Rows end to end as one sequence (every row starts a sample), then one piece per sample:
+        # split's backward writes each gradient once, unlike slicing.
+        states = states.transpose(0, 1).reshape(1, states.shape[1], batch * length, states.shape[-1])
+        return list(states.split(lengths, dim=2))
+
+    pieces = [
+        F.scaled_dot_product_attention(
+            sample_query, sample_key, sample_value, dropout_p=dropout, scale=scaling, is_causal=True,
+            enable_gqa=heads != key.shape[1],
+        )
+        for sample_query, sample_key, sample_value in zip(flat(query), flat(key), flat(value))
+    ]
+    output = torch.cat(pieces, dim=2).reshape(heads, batch, length, -1)
     # transformers' attention functions return [batch, length, heads, head_dim].
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return output.permute(1, 2, 0, 3).contiguous(), None
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)

@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import inspect
 import itertools
 import json
 import os
@@ -338,7 +337,7 @@ def run_epoch(build: Callable[[], Any], count: Callable[[Any], tuple[int, int]],
 
 def stage_times(records, image_folder: Path, shard_samples: list[dict[str, Any]], tokenizer, args) -> dict[str, float]:
     """Milliseconds per sample of each side's image and text work, in-process, one thread."""
-    from mmkit.data.images import ImageProcessor
+    from mmkit.data.images import ImageProcessor, decode_image_tensor
     from mmkit.data.templates.base import LLAVA_SYSTEM  # noqa: F401  (import cost outside the timing)
     from mmkit.models.encoders.base import ImageStats
     from mmkit.registry import TEMPLATES
@@ -357,7 +356,7 @@ def stage_times(records, image_folder: Path, shard_samples: list[dict[str, Any]]
         return hf.preprocess(image, return_tensors="pt")["pixel_values"][0]
 
     jobs = {
-        "mmkit image (bytes -> tensor)": lambda i: processor.preprocess_bytes(shard_samples[i]["jpg"]),
+        "mmkit image (bytes -> uint8 tensor)": lambda i: processor.resize_and_crop(decode_image_tensor(shard_samples[i]["jpg"])),
         "mmkit text (template + tokens)": lambda i: template.encode(
             json.loads(shard_samples[i]["json"])["conversations"], tokenizer, tokens
         ),
@@ -417,13 +416,6 @@ def main(argv: list[str] | None = None) -> int:
             for name, ms in stages.items():
                 print(f"  {name:<44} {ms:7.2f} ms")
 
-        from mmkit.data.samples import SampleEncoder
-
-        wired = "preprocess_bytes" in inspect.getsource(SampleEncoder.encode)
-        results["sample_encoder_image_path"] = "preprocess_bytes" if wired else "decode_image (PIL)"
-        print("\nSampleEncoder's image path: "
-              + ("bytes -> ImageProcessor.preprocess_bytes" if wired else
-                 "decode_image (PIL) -> ImageProcessor(PIL image) (tensor preprocessing, PIL decoding)"))
         sides = {
             "mmkit": (lambda w: build_mmkit_loader(shard_dir, tokenizer, args, w), mmkit_batch_size),
             "llava": (lambda w: build_llava_loader(records, image_folder, tokenizer, args, w), llava_batch_size),

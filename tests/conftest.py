@@ -81,28 +81,37 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+def save_random_llama(folder: Path, **config) -> Path:
+    """A seeded random Llama (2 x 64 unless ``config`` says otherwise) with the zoo tokenizer, saved
+    as a model folder that ``decoder.path`` can point at."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+
+    tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
+    torch.manual_seed(0)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 4, **config}
+    LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **shape,
+    )).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def lively_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A run folder of the default recipe over a random Llama with large weights: unlike the tiny
     zoo LM, its greedy replies differ from prompt to prompt, so generation tests can tell them apart."""
-    import torch
     from omegaconf import OmegaConf
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from mmkit.models.build import build_model
-    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
     from mmkit.training.checkpoint import save_stage_weights
 
     run = tmp_path_factory.mktemp("lively_run")
-    tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, initializer_range=0.2, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(run / "lm")
-    tokenizer.save_pretrained(run / "lm")
+    save_random_llama(run / "lm", initializer_range=0.2)
     cfg = compose([f"decoder.path={run / 'lm'}"])
     model = build_model(cfg)
     names = {name for name in model.state_dict() if name.startswith("connector.")}

@@ -12,7 +12,7 @@ from mmkit.errors import ConfigError
 from mmkit.models.decoders.packed_attention import sample_lengths
 from mmkit.training.throughput import FlopModel
 
-from conftest import compose
+from conftest import compose, save_random_llama
 
 LENGTHS = [23, 5, 61, 14, 40, 9, 33]
 
@@ -20,20 +20,9 @@ LENGTHS = [23, 5, 61, 14, 40, 9, 33]
 @pytest.fixture(scope="module")
 def gqa_lm(tmp_path_factory):
     """A random Llama with grouped-query attention (2 key/value heads for 4 query heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-
-    folder = tmp_path_factory.mktemp("gqa_lm")
-    tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, initializer_range=0.1, pad_token_id=tokenizer.pad_token_id,
+    return save_random_llama(
+        tmp_path_factory.mktemp("gqa_lm"), intermediate_size=96, num_key_value_heads=2, initializer_range=0.1
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def build(lm_folder, attention: str):

@@ -12,3 +12,7 @@ class ConfigError(MmkitError, ValueError):
 
 class DataError(MmkitError):
     """Input data cannot be used; the message names the file or sample at fault."""
+
+
+class TrainingError(MmkitError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says what was kept."""

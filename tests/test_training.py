@@ -168,3 +168,51 @@ def test_fsdp_strategy_wraps_the_named_layers_of_the_built_model(tiny_model):
     with pytest.raises(ConfigError, match=r"trainer.strategy.auto_wrap: \['GPT2Block'\] are not layers of this model"):
         build_strategy({"name": "fsdp", "auto_wrap": ["GPT2Block"]}, tiny_model)
     assert build_strategy("ddp", tiny_model) == "ddp"
+
+
+def test_too_many_skipped_samples_stop_the_stage_with_the_reasons_kept(tmp_path):
+    from mmkit.errors import DataError
+
+    json_path = _write_llava_folder(tmp_path / "raw", good=13)
+    convert_llava_json(json_path, tmp_path / "raw" / "images", tmp_path / "shards", samples_per_shard=8, progress=False)
+    cfg = compose(TINY_RUN + ["~data.finetune", f"+data.finetune={{name: shards, path: {tmp_path / 'shards'}}}",
+                              "recipe.stages.finetune.micro_batch_size=4", "recipe.stages.finetune.global_batch_size=4",
+                              "data.shuffle_buffer=0", "guards.min_samples_checked=8", "guards.max_skip_fraction=0.1"])
+    with pytest.raises(DataError, match=r"samples read so far were skipped .*guards.max_skip_fraction=0.1"):
+        run_stage(cfg, "finetune", build_model(cfg), tmp_path / "run", previous=None)
+    logged = (tmp_path / "run" / "finetune" / "skipped.jsonl").read_text().splitlines()
+    assert logged and all(json.loads(line)["reason"] for line in logged)
+
+
+def _poison_connector(model, calls: set[int] | None):
+    """Make the connector's output NaN on the given forward calls (all calls when None)."""
+    count = {"calls": 0}
+
+    def hook(module, inputs, output):
+        count["calls"] += 1
+        return output * float("nan") if calls is None or count["calls"] in calls else output
+
+    return model.connector.register_forward_hook(hook)
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
+    cfg = compose(TINY_RUN + ["recipe.stages.finetune.micro_batch_size=8", "recipe.stages.finetune.global_batch_size=8"])
+    model = build_model(cfg)
+    _poison_connector(model, calls={2, 3})
+    summary, _ = run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    assert summary["nonfinite_steps_skipped"] == 2
+    assert summary["steps"] == summary["samples"] // 8  # the skipped steps are counted, their updates never applied
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert summary["final_loss"] is not None and torch.isfinite(torch.tensor(summary["final_loss"]))
+
+
+def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path):
+    from mmkit.errors import TrainingError
+
+    cfg = compose(TINY_RUN + ["recipe.stages.finetune.micro_batch_size=8", "recipe.stages.finetune.global_batch_size=8",
+                              "guards.max_nonfinite_steps=3"])
+    model = build_model(cfg)
+    _poison_connector(model, calls=None)
+    with pytest.raises(TrainingError, match="loss was NaN or infinite for 3 steps in a row"):
+        run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from mmkit.errors import DataError, TrainingError
 from mmkit.models.vlm import VisionLanguageModel
 
 
@@ -26,18 +27,25 @@ class LitVLM(L.LightningModule):
         optimizer: dict[str, Any],
         schedule: dict[str, Any],
         sample_log: Path | None = None,
+        guards: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_cfg = optimizer
         self.schedule_cfg = schedule
         self.sample_log = sample_log
+        self.guards = {"max_skip_fraction": 1.0, "min_samples_checked": 0, "max_nonfinite_steps": 0, **(guards or {})}
         self.samples_seen = 0
         self.skipped: list[tuple[str, str]] = []
         self.recent_losses: list[float] = []
+        self.good_samples_read = 0
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_loss = False
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.skipped += batch["skipped"]
+        self._check_skip_fraction(len(batch["keys"]))
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped; the reasons are recorded
         outputs = self.model(
@@ -53,10 +61,57 @@ class LitVLM(L.LightningModule):
             with open(self.sample_log, "a") as handle:
                 handle.writelines(f"{key}\n" for key in batch["keys"])
         loss = outputs.loss
-        self.recent_losses = (self.recent_losses + [loss.item()])[-10:]
+        value = loss.item()
+        if math.isfinite(value):
+            self.recent_losses = (self.recent_losses + [value])[-10:]
+        else:
+            # Its backward makes the gradients non-finite too, and on_before_optimizer_step skips
+            # the step: one path for every rank, with or without gradient accumulation.
+            self._nonfinite_loss = True
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        finite = not gradients or bool(torch.isfinite(torch.nn.utils.get_total_norm(gradients)))
+        what = "loss" if self._nonfinite_loss else "gradient"
+        self._nonfinite_loss = False
+        if self._any_rank(not finite):
+            # AdamW leaves parameters without a gradient untouched: the step is skipped whole.
+            for group in optimizer.param_groups:
+                for parameter in group["params"]:
+                    parameter.grad = None
+            self._nonfinite(what)
+        else:
+            self._nonfinite_in_a_row = 0
+
+    def _any_rank(self, flag: bool) -> bool:
+        # Every rank must skip the same steps, or DDP's collectives fall out of step.
+        return bool(self.trainer.strategy.reduce_boolean_decision(flag, all=False))
+
+    def _nonfinite(self, what: str) -> None:
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        limit = int(self.guards["max_nonfinite_steps"])
+        if limit and self._nonfinite_in_a_row >= limit:
+            raise TrainingError(
+                f"the {what} was NaN or infinite for {self._nonfinite_in_a_row} steps in a row "
+                f"(guards.max_nonfinite_steps={limit}) at step {self.global_step}; the run stopped, "
+                "and the last completed stage's checkpoint is kept (lower the learning rate, or check the data)"
+            )
+
+    def _check_skip_fraction(self, good_samples: int) -> None:
+        self.good_samples_read += good_samples
+        read = self.good_samples_read + len(self.skipped)
+        limit = float(self.guards["max_skip_fraction"])
+        if read >= int(self.guards["min_samples_checked"]) and len(self.skipped) > limit * read:
+            reasons = sorted({reason for _, reason in self.skipped})
+            raise DataError(
+                f"{len(self.skipped)} of {read} samples read so far were skipped ({len(self.skipped) / read:.1%}), "
+                f"more than guards.max_skip_fraction={limit}; e.g. {reasons[:3]}. Every skipped key and "
+                "reason is in the stage's skipped.jsonl"
+            )
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = [p for p in self.model.parameters() if p.requires_grad]

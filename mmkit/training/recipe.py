@@ -109,6 +109,11 @@ def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLangu
     )
 
 
+def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
+
+
 def run_stage(
     cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None
 ) -> tuple[dict[str, Any], Path]:
@@ -129,13 +134,19 @@ def run_stage(
     # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
-    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log)
+    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log, guards=as_dict(cfg.guards))
 
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        # Frozen towers sit in eval mode on purpose (no dropout); Lightning warns about that.
-        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(lit, datamodule=datamodule)
+    try:
+        with warnings.catch_warnings():
+            # Frozen towers sit in eval mode on purpose (no dropout); Lightning warns about that.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+            trainer.fit(lit, datamodule=datamodule)
+    except BaseException:
+        # A stage that stops early still leaves its skipped samples: the first thing to look at.
+        rank = trainer.global_rank
+        _write_skipped(stage_dir / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), lit.skipped)
+        raise
     wall_time = time.perf_counter() - started
 
     samples, skipped = _gather_counts(lit.samples_seen, lit.skipped)
@@ -153,6 +164,7 @@ def run_stage(
         "trained": list(stage.train),
         "connector_from": connector_from,
         "skipped_samples": len(skipped),
+        "nonfinite_steps_skipped": lit.nonfinite_steps,
         "wall_time_s": round(wall_time, 2),
         "throughput": throughput.summary(),  # this rank's; every rank sees batches of the same size
         "global_batch_size": stage.global_batch_size,
@@ -162,8 +174,7 @@ def run_stage(
     }
     if trainer.is_global_zero:
         save_stage_weights(state, trainable_names, stage_dir, meta={"stage": name, "trained": list(stage.train)})
-        with open(stage_dir / "skipped.jsonl", "w") as handle:
-            handle.writelines(json.dumps({"key": k, "reason": r}) + "\n" for k, r in skipped)
+        _write_skipped(stage_dir / "skipped.jsonl", skipped)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the next stage reads this checkpoint on every rank
     return summary, checkpoint

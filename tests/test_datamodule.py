@@ -98,3 +98,18 @@ def test_packed_batches_from_two_workers(shard_folder):
     for batch in batches:
         assert batch["input_ids"].shape == (1, batch["num_real_tokens"]) and batch["attention_mask"] is None
         assert batch["pixel_values"].shape[0] == len(batch["keys"]) == batch["num_images"]
+
+
+def test_a_truncated_shard_is_read_up_to_the_damage_and_recorded(shard_folder, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "shards"
+    shutil.copytree(shard_folder, damaged)
+    shard = sorted(damaged.glob("*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut mid-file, as a crashed copy leaves it
+    batches = list(datamodule(damaged, num_workers=0, shuffle_buffer=0).train_dataloader())
+    trained = [key for batch in batches for key in batch["keys"]]
+    skipped = [entry for batch in batches for entry in batch["skipped"]]
+    # Every other shard is read whole, the damaged one up to the damage, and the damage is on record.
+    assert 18 <= len(trained) < 24 and len(set(trained)) == len(trained)
+    assert any(key == f"shard:{shard}" and "unreadable from here on" in reason for key, reason in skipped), skipped

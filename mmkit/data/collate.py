@@ -36,13 +36,39 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int | None) -> list[l
     return bins
 
 
+class StreamErrors:
+    """WebDataset's exception handler: a shard that cannot be read on (truncated, corrupt tar) is
+    recorded with its reason and reading goes on with the next shard. The collator of the same
+    dataloader worker moves the records into the next batch's skips, so none is lost silently."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[str, str]] = []
+
+    def __call__(self, exc: Exception) -> bool:
+        shard = next((arg for arg in reversed(exc.args) if isinstance(arg, str) and arg.endswith(".tar")), "?")
+        message = str(exc.args[0]) if exc.args else ""
+        self.pending.append((f"shard:{shard}", f"unreadable from here on ({type(exc).__name__}: {message})"))
+        return True
+
+    def drain(self) -> list[tuple[str, str]]:
+        records, self.pending = self.pending, []
+        return records
+
+
 class Collator:
-    def __init__(self, pad_token_id: int, batching: str = "pad", pack_length: int | None = None) -> None:
+    def __init__(
+        self,
+        pad_token_id: int,
+        batching: str = "pad",
+        pack_length: int | None = None,
+        stream_errors: StreamErrors | None = None,
+    ) -> None:
         if batching not in BATCHING:
             raise ConfigError(f"data.batching={batching!r}: choose one of {', '.join(BATCHING)}")
         if pack_length is not None and pack_length < 1:
             raise ConfigError(f"data.pack_length={pack_length}: must be a positive token count, or null for one row")
         self.pad_token_id = pad_token_id
+        self.stream_errors = stream_errors
         self.pack = batching == "pack"
         self.pack_length = pack_length
 
@@ -50,6 +76,8 @@ class Collator:
         samples = [item for item in items if isinstance(item, EncodedSample)]
         # Skips travel inside the batch so a count made in a dataloader worker reaches the trainer.
         skipped = [(item.key, item.reason) for item in items if isinstance(item, SkippedSample)]
+        if self.stream_errors is not None:
+            skipped += self.stream_errors.drain()
         batch: dict[str, Any] = {"keys": [s.key for s in samples], "skipped": skipped}
         if not samples:
             return batch

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import lightning as L
 import webdataset as wds
 
-from mmkit.data.collate import Collator
+from mmkit.data.collate import Collator, StreamErrors
 from mmkit.data.datasets.base import DatasetSource, ShardSet
 from mmkit.data.samples import SampleEncoder
 from mmkit.errors import DataError
@@ -36,7 +36,8 @@ class ShardDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.collator = Collator(sample_encoder.tokenizer.pad_token_id, batching, pack_length)
+        self.stream_errors = StreamErrors()
+        self.collator = Collator(sample_encoder.tokenizer.pad_token_id, batching, pack_length, self.stream_errors)
         self.group_batches = group_batches if batching == "group" else 0
         self.prefetch_factor = prefetch_factor
         self.pin_memory = pin_memory
@@ -72,7 +73,7 @@ class ShardDataModule(L.LightningDataModule):
             seed=self.seed,
             nodesplitter=wds.split_by_node,
             workersplitter=wds.split_by_worker,
-            handler=wds.warn_and_continue,
+            handler=self.stream_errors,
             empty_check=False,
         )
         if shuffled:

@@ -105,7 +105,8 @@ class LitVLM(L.LightningModule):
         self.good_samples_read += good_samples
         read = self.good_samples_read + len(self.skipped)
         limit = float(self.guards["max_skip_fraction"])
-        if read >= int(self.guards["min_samples_checked"]) and len(self.skipped) > limit * read:
+        exceeded = read >= int(self.guards["min_samples_checked"]) and len(self.skipped) > limit * read
+        if self._any_rank(exceeded):  # asked every step, so every rank stops at the same one
             reasons = sorted({reason for _, reason in self.skipped})
             raise DataError(
                 f"{len(self.skipped)} of {read} samples read so far were skipped ({len(self.skipped) / read:.1%}), "

@@ -216,3 +216,28 @@ def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path):
     with pytest.raises(TrainingError, match="loss was NaN or infinite for 3 steps in a row"):
         run_stage(cfg, "finetune", model, tmp_path, previous=None)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_lora_without_a_stage_that_trains_the_decoder_is_refused_in_one_line():
+    from mmkit.errors import ConfigError
+    from mmkit.training.recipe import check_recipe
+
+    with pytest.raises(ConfigError, match=r"decoder.lora.enabled=true, but no stage of the recipe trains the decoder"):
+        check_recipe(compose(["recipe=stage1_only", "decoder.lora.enabled=true"]))
+
+
+def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path, tiny_model):
+    from mmkit.errors import ConfigError
+    from mmkit.training.checkpoint import load_stage_weights
+
+    marker = tmp_path / "ran"
+
+    class Payload:  # unpickling this would create the marker file
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    path = tmp_path / "trainable.safetensors"
+    torch.save({"connector.proj.weight": Payload()}, path)
+    with pytest.raises(ConfigError, match="is not a safetensors file"):
+        load_stage_weights(tiny_model, path)
+    assert not marker.exists()

@@ -34,7 +34,11 @@ def load_stage_weights(model: nn.Module, path: Path, only_prefix: str | None = N
     """
     if not Path(path).is_file():
         raise ConfigError(f"checkpoint {path} does not exist")
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001  safetensors raises its own error types
+        # Never a fallback to torch.load: a pickle can run code when it is read.
+        raise ConfigError(f"checkpoint {path} is not a safetensors file ({exc}); mmkit reads weights only as safetensors") from None
     if only_prefix is not None:
         tensors = {k: v for k, v in tensors.items() if k.startswith(only_prefix)}
     model_state = model.state_dict()

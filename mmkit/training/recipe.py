@@ -34,6 +34,12 @@ def check_recipe(cfg: DictConfig) -> None:
     stages = cfg.recipe.stages
     if not stages:
         raise ConfigError("recipe.stages is empty: a recipe needs at least one stage")
+    if cfg.decoder.get("lora", {}).get("enabled") and not any("decoder" in stage.train for stage in stages.values()):
+        raise ConfigError(
+            f"decoder.lora.enabled=true, but no stage of the recipe trains the decoder "
+            f"(recipe.stages.*.train: {', '.join(f'{n}={list(s.train)}' for n, s in stages.items())}); "
+            "the adapters would stay at their initialisation"
+        )
     for name, stage in stages.items():
         key = f"recipe.stages.{name}"
         TEMPLATES.get(stage.template.name, key=f"{key}.template.name")

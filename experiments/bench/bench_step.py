@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Shape, alternate, build_random_vlm, llava_instruct_lengths, make_samples, markdown_table, median  # noqa: E402
 
-from mmkit.data.collate import Collator  # noqa: E402
+from mmkit.data.collate import Collator, length_grouped  # noqa: E402
 from mmkit.models.hf_llava import to_hf_llava  # noqa: E402
 
 MIXES = {
@@ -69,14 +69,6 @@ def epoch(step: Callable[[dict], None], batches: list[dict]) -> Callable[[], Non
     return run
 
 
-def grouped(samples: list, batch_size: int, seed: int) -> list[list]:
-    """LLaVA-1.5's group_by_modality_length over the whole set: sort, cut, shuffle the batches."""
-    ordered = sorted(samples, key=lambda s: (s.pixel_values is not None, len(s.input_ids)))
-    batches = [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    random.Random(seed).shuffle(batches)
-    return batches
-
-
 def real_share(batches: list[dict]) -> float:
     return sum(b["num_real_tokens"] for b in batches) / sum(b["num_tokens"] for b in batches)
 
@@ -118,7 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         random_batches = [samples[i : i + args.batch] for i in range(0, len(samples), args.batch)]
         batchings = {
             "padded": [padder(b) for b in random_batches],
-            "grouped": [padder(b) for b in grouped(samples, args.batch, seed=0)],
+            # LLaVA-1.5's group_by_modality_length over the whole set, as one megabatch
+            "grouped": [padder(b) for b in length_grouped(samples, args.batch, random.Random(0))],
             "packed": [packer(b) for b in random_batches],
         }
         real_tokens = sum(len(s.input_ids) for s in samples)

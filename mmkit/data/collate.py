@@ -8,6 +8,7 @@ those of the padded batch while the padding disappears.
 """
 from __future__ import annotations
 
+import random
 from typing import Any, Sequence
 
 import torch
@@ -34,6 +35,20 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int | None) -> list[l
         bins[target].append(index)
         room[target] -= lengths[index]
     return bins
+
+
+def length_grouped(items: Sequence[Any], batch_size: int, rng: random.Random) -> list[list[Any]]:
+    """LLaVA-1.5's ``group_by_modality_length`` over one megabatch: sorted by (has image, length),
+    cut into batches of like samples, the batches in ``rng``'s order. Skipped samples sort first."""
+    ordered = sorted(items, key=_modality_length)
+    batches = [ordered[start : start + batch_size] for start in range(0, len(ordered), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _modality_length(item: Any) -> tuple[bool, int]:
+    input_ids = getattr(item, "input_ids", None)  # a skipped sample has none
+    return (getattr(item, "pixel_values", None) is not None, 0 if input_ids is None else len(input_ids))
 
 
 class StreamErrors:

@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import lightning as L
 import webdataset as wds
 
-from mmkit.data.collate import Collator, StreamErrors
+from mmkit.data.collate import Collator, StreamErrors, length_grouped
 from mmkit.data.datasets.base import DatasetSource, ShardSet
 from mmkit.data.samples import SampleEncoder
 from mmkit.errors import DataError
@@ -95,17 +95,7 @@ class ShardDataModule(L.LightningDataModule):
             return loader.with_length(batches)
 
     def _length_grouped(self, megabatches: Iterator[list[Any]]) -> Iterator[list[Any]]:
-        """LLaVA-1.5's ``group_by_modality_length`` for a stream: each megabatch of
-        ``group_batches`` micro-batches is sorted by (has image, length) and cut into micro-batches
-        of similar length, served in a seeded random order."""
-        order = random.Random(self.seed)
+        """Each megabatch of ``group_batches`` micro-batches, cut into micro-batches of like length."""
+        rng = random.Random(self.seed)
         for items in megabatches:
-            items = sorted(items, key=_modality_length)
-            batches = [items[start : start + self.batch_size] for start in range(0, len(items), self.batch_size)]
-            order.shuffle(batches)
-            yield from batches
-
-
-def _modality_length(item: Any) -> tuple[bool, int]:
-    input_ids = getattr(item, "input_ids", None)  # a skipped sample has none
-    return (getattr(item, "pixel_values", None) is not None, 0 if input_ids is None else len(input_ids))
+            yield from length_grouped(items, self.batch_size, rng)

@@ -38,14 +38,14 @@ class LitVLM(L.LightningModule):
         self.samples_seen = 0
         self.skipped: list[tuple[str, str]] = []
         self.recent_losses: list[float] = []
-        self.good_samples_read = 0
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
         self._nonfinite_loss = False
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.skipped += batch["skipped"]
-        self._check_skip_fraction(len(batch["keys"]))
+        self.samples_seen += len(batch["keys"])
+        self._check_skip_fraction()
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped; the reasons are recorded
         outputs = self.model(
@@ -56,7 +56,6 @@ class LitVLM(L.LightningModule):
             position_ids=batch["position_ids"],
             sample_lengths=batch["sample_lengths"],
         )
-        self.samples_seen += len(batch["keys"])
         if self.sample_log is not None:
             with open(self.sample_log, "a") as handle:
                 handle.writelines(f"{key}\n" for key in batch["keys"])
@@ -101,9 +100,8 @@ class LitVLM(L.LightningModule):
                 "and the last completed stage's checkpoint is kept (lower the learning rate, or check the data)"
             )
 
-    def _check_skip_fraction(self, good_samples: int) -> None:
-        self.good_samples_read += good_samples
-        read = self.good_samples_read + len(self.skipped)
+    def _check_skip_fraction(self) -> None:
+        read = self.samples_seen + len(self.skipped)
         limit = float(self.guards["max_skip_fraction"])
         exceeded = read >= int(self.guards["min_samples_checked"]) and len(self.skipped) > limit * read
         if self._any_rank(exceeded):  # asked every step, so every rank stops at the same one

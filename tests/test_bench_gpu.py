@@ -47,7 +47,8 @@ def test_bench_gpu_cpu_smoke_measures_both_stages(tmp_path):
         assert entry["mfu"] is None and entry["peak_tflops"] is None and entry["peak_memory_gib"] is None
         assert entry["steps"] == 2 and entry["layers"] == 2
         assert all(math.isfinite(loss) for loss in entry["losses"])
-        assert entry["profile"]["top"] and entry["profile"]["by_kind_share"]
+        assert entry["profile"]["top"] and entry["profile"]["by_kind_share"] and entry["profile"]["steps"] == 2
+        assert entry["replayed_step_s_mean"] > 0
     # Stage 2 trains the LM as well: more parameters, more FLOPs per step (4N -> 6N on the LM).
     assert stage2["trainable_parameters"] > stage1["trainable_parameters"] > 0
     assert stage2["model_flops_per_step"] > stage1["model_flops_per_step"]

@@ -150,3 +150,28 @@ def test_uint8_images_are_normalised_by_the_model_as_by_the_processor(gqa_lm):
     normalised = torch.stack([processor.preprocess(image) for image in pixels])
     with torch.no_grad():
         torch.testing.assert_close(model.encode_images(pixels), model.encode_images(normalised), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash-attention kernel runs on CUDA only")
+def test_packed_sdpa_on_cuda_takes_the_varlen_kernel_with_the_same_results(gqa_lm, monkeypatch):
+    """bf16 on a GPU: one varlen call per layer gives the loss and gradients of one SDPA call per
+    sample (bf16 tolerances: the kernels sum in different orders)."""
+    from mmkit.models.decoders import packed_attention
+
+    if packed_attention.varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    model = build(gqa_lm, "packed_sdpa").cuda().to(torch.bfloat16)
+    batch = Collator(model.tokenizer.pad_token_id, "pack", 96)(samples(model))
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    calls = []
+    real_varlen = packed_attention.varlen_attn
+    monkeypatch.setattr(packed_attention, "varlen_attn", lambda *a, **k: calls.append(1) or real_varlen(*a, **k))
+    varlen_loss, varlen_grads = loss_and_grads(model, batch)
+    assert len(calls) == model.decoder.model.config.num_hidden_layers
+    monkeypatch.setattr(packed_attention, "varlen_attn", None)
+    per_sample_loss, per_sample_grads = loss_and_grads(model, batch)
+    assert varlen_loss == pytest.approx(per_sample_loss, rel=2e-2)
+    for name, grad in per_sample_grads.items():
+        difference = (varlen_grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
+        assert difference < 5e-2, name

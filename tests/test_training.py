@@ -241,3 +241,13 @@ def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path, tiny_model):
     with pytest.raises(ConfigError, match="is not a safetensors file"):
         load_stage_weights(tiny_model, path)
     assert not marker.exists()
+
+
+def test_adamw_is_fused_only_where_every_trained_weight_is_on_a_gpu_unless_the_config_says():
+    from mmkit.training.optimizer import build_adamw
+
+    weights = [torch.nn.Parameter(torch.ones(3))]
+    assert build_adamw(weights, {"lr": 1e-3, "fused": None}).defaults["fused"] is False
+    assert build_adamw(weights, {"lr": 1e-3, "fused": True}).defaults["fused"] is True  # PyTorch's CPU kernel
+    if torch.cuda.is_available():
+        assert build_adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))], {"lr": 1e-3}).defaults["fused"] is True

@@ -10,6 +10,7 @@ import torch
 
 from mmkit.errors import DataError, TrainingError
 from mmkit.models.vlm import VisionLanguageModel
+from mmkit.training.optimizer import build_adamw
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -114,14 +115,7 @@ class LitVLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        cfg = self.optimizer_cfg
-        optimizer = torch.optim.AdamW(
-            parameters,
-            lr=float(cfg["lr"]),
-            weight_decay=float(cfg.get("weight_decay", 0.0)),
-            betas=tuple(cfg.get("betas", (0.9, 0.999))),
-            eps=float(cfg.get("eps", 1e-8)),
-        )
+        optimizer = build_adamw(parameters, self.optimizer_cfg)
         total_steps = int(self.trainer.estimated_stepping_batches)
         warmup_steps = max(1, math.ceil(float(self.schedule_cfg.get("warmup_ratio", 0.03)) * total_steps))
         min_ratio = float(self.schedule_cfg.get("min_lr_ratio", 0.0))

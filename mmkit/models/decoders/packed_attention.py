@@ -4,11 +4,16 @@ A packed row holds several samples one after the other, their position ids resta
 each. transformers' own ``sdpa`` handles such rows by building a dense block-diagonal mask of
 ``row_length x row_length``: correct, but it computes every masked-out block, so a row of 16
 samples costs as much attention as one sample 16 times as long. This implementation runs causal
-SDPA on each sample's span instead, so attention costs ``sum(length**2)``, like flash-attention's
-varlen kernel, on any device. Inputs that are not packed (a padding mask, a KV cache, queries
+SDPA on each sample's span instead, so attention costs ``sum(length**2)``, on any device. On a GPU
+in half precision all samples go to PyTorch's own varlen flash-attention kernel in one call: a call
+per sample would also work, but the cuDNN kernel SDPA picks there builds a plan for every new
+length, which made a 7B-shaped step three times slower until every length had been seen
+(experiments/bench/RESULTS.md). Inputs that are not packed (a padding mask, a KV cache, queries
 shorter than keys) go to transformers' ``sdpa`` unchanged, so generation behaves exactly as with it.
 """
 from __future__ import annotations
+
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +22,13 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "packed_sdpa"
+
+try:  # PyTorch 2.10 and later, CUDA only
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # pragma: no cover - older PyTorch
+    varlen_attn = None
+# 2.10 takes ``is_causal``; later versions a ``window_size`` where (-1, 0) is causal, and ``enable_gqa``.
+_VARLEN_PARAMETERS = set(inspect.signature(varlen_attn).parameters) if varlen_attn else set()
 
 
 def sample_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -61,6 +73,9 @@ def packed_sdpa_attention(
     if lengths is None:  # costs a device sync per layer; mmkit's packed batches carry the lengths
         lengths = sample_lengths(position_ids.expand(query.shape[0], -1))
     batch, heads, length, _ = query.shape
+    offsets = kwargs.get("cu_seq_lens_q")
+    if dropout == 0.0 and _varlen_applies(query, key, offsets, scaling):
+        return _varlen_attention(query, key, value, offsets, max(lengths), scaling), None
 
     def flat(states: torch.Tensor) -> list[torch.Tensor]:
         # Rows end to end as one sequence (every row starts a sample), then one piece per sample:
@@ -78,6 +93,44 @@ def packed_sdpa_attention(
     output = torch.cat(pieces, dim=2).reshape(heads, batch, length, -1)
     # transformers' attention functions return [batch, length, heads, head_dim].
     return output.permute(1, 2, 0, 3).contiguous(), None
+
+
+def _varlen_applies(query: torch.Tensor, key: torch.Tensor, offsets: torch.Tensor | None,
+                    scaling: float | None) -> bool:
+    default_scale = scaling is None or abs(scaling - query.shape[-1] ** -0.5) < 1e-12
+    return (
+        varlen_attn is not None and offsets is not None and query.is_cuda
+        and query.dtype in (torch.bfloat16, torch.float16)
+        and (default_scale or "scale" in _VARLEN_PARAMETERS)
+    )
+
+
+def _varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor,
+                      longest: int, scaling: float | None) -> torch.Tensor:
+    """[batch, heads, length, head_dim] in, [batch, length, heads, head_dim] out; every row starts a
+    sample, so the rows end to end are the varlen kernel's one long sequence of samples."""
+    batch, heads, length, head_dim = query.shape
+
+    def tokens_first(states: torch.Tensor) -> torch.Tensor:
+        return states.transpose(1, 2).reshape(batch * length, states.shape[1], head_dim)
+
+    options: dict = {}
+    if "is_causal" in _VARLEN_PARAMETERS:
+        options["is_causal"] = True
+    else:
+        options["window_size"] = (-1, 0)
+    if "scale" in _VARLEN_PARAMETERS and scaling is not None:
+        options["scale"] = scaling
+    if query.shape[1] != key.shape[1]:
+        if "enable_gqa" in _VARLEN_PARAMETERS:
+            options["enable_gqa"] = True
+        else:  # each key/value head serves the query heads next to it, as transformers' repeat_kv
+            key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    offsets = offsets.to(device=query.device, dtype=torch.int32)
+    output = varlen_attn(tokens_first(query), tokens_first(key), tokens_first(value), offsets, offsets,
+                         longest, longest, **options)
+    return output.reshape(batch, length, heads, head_dim)
 
 
 AttentionInterface.register(NAME, packed_sdpa_attention)

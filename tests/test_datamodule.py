@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 
 import pytest
 from PIL import Image
@@ -111,5 +112,36 @@ def test_a_truncated_shard_is_read_up_to_the_damage_and_recorded(shard_folder, t
     trained = [key for batch in batches for key in batch["keys"]]
     skipped = [entry for batch in batches for entry in batch["skipped"]]
     # Every other shard is read whole, the damaged one up to the damage, and the damage is on record.
-    assert 18 <= len(trained) < 24 and len(set(trained)) == len(trained)
+    # The epoch keeps its 6 batches of 4: the next pass over the shards fills the samples lost.
+    readable = len(set(trained))
+    samples_skipped = [key for key, _ in skipped if not key.startswith("shard:")]  # a sample cut in two
+    assert 18 <= readable < 24 and len(trained) + len(samples_skipped) == 24
+    assert len(set(trained[:readable])) == readable
     assert any(key == f"shard:{shard}" and "unreadable from here on" in reason for key, reason in skipped), skipped
+
+
+@pytest.mark.parametrize("num_workers,batching", [(0, {}), (2, {}), (2, {"batching": "group", "group_batches": 2})])
+def test_an_epoch_resumed_from_a_saved_position_reads_exactly_the_batches_left(shard_folder, num_workers, batching):
+    """Lightning saves ``state_dict()`` with a checkpoint after some batches were trained (one more
+    may already be prefetched) and hands it to a new process's loader."""
+    full = [batch["keys"] for batch in datamodule(shard_folder, num_workers, **batching).train_dataloader()]
+    assert len(full) == 6
+    for trained in (1, 3, 5):
+        loader = datamodule(shard_folder, num_workers, **batching).train_dataloader()
+        loader.progress = lambda: (0, trained)
+        stream = iter(loader)
+        seen = [next(stream)["keys"] for _ in range(trained + 1)]  # the trainer's prefetch
+        state = loader.state_dict()
+        assert state == {"ranks": [{"epoch": 0, "batches": trained}]}
+
+        resumed = datamodule(shard_folder, num_workers, **batching).train_dataloader()
+        resumed.load_state_dict(state)
+        rest = [batch["keys"] for batch in resumed]
+        assert seen[:trained] + rest == full, trained
+
+
+def test_each_epoch_has_its_own_order(shard_folder):
+    module = datamodule(shard_folder, num_workers=0)
+    first = [key for batch in islice(module._open_epoch(0, 0), 6) for key in batch["keys"]]
+    second = [key for batch in islice(module._open_epoch(1, 0), 6) for key in batch["keys"]]
+    assert sorted(first) == sorted(second) and first != second

@@ -1,0 +1,66 @@
+"""Training batches that a resumed run can start in the middle of an epoch.
+
+Each epoch is a fixed number of batches. Every dataloader worker ("reader") reads its own endless,
+deterministic stream: its shards, shuffled from the seed, the epoch and the pass, through a seeded
+shuffle buffer. PyTorch's DataLoader takes batches from the workers in strict rotation, so batch
+``i`` of an epoch always comes from reader ``i % readers``, and the position saved with a
+checkpoint is simply how many batches of the epoch were trained. A resumed run starts its
+rotation at the reader whose turn it is, and each reader drops the samples of the batches it had
+delivered before they are decoded or tokenised: no trained sample is trained on again and none is
+skipped.
+"""
+from __future__ import annotations
+
+from itertools import islice
+from typing import Any, Callable, Iterator
+
+import torch.distributed as dist
+
+from mmkit.errors import ConfigError
+
+# (epoch, batches of it already trained) -> the rest of the epoch's batches
+OpenEpoch = Callable[[int, int], Iterator[dict[str, Any]]]
+# -> (epoch, batches of it trained so far), as the Trainer counts them
+Progress = Callable[[], tuple[int, int]]
+
+
+class ResumableBatches:
+    """What ``train_dataloader`` returns: Lightning iterates it once per epoch and, since it has
+    ``state_dict``/``load_state_dict``, stores its position in every checkpoint."""
+
+    def __init__(self, open_epoch: OpenEpoch, batches_per_epoch: int, progress: Progress) -> None:
+        self.open_epoch = open_epoch
+        self.batches_per_epoch = batches_per_epoch
+        self.progress = progress
+        self._resume: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.progress()[0]
+        resume, self._resume = self._resume, None
+        trained = resume["batches"] if resume and resume["epoch"] == epoch else 0
+        if trained < self.batches_per_epoch:
+            yield from islice(self.open_epoch(epoch, trained), self.batches_per_epoch - trained)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every rank's position (they are equal unless a rank fell behind). Lightning calls this
+        on every rank while it assembles a checkpoint, so the gather is matched on all of them."""
+        epoch, trained = self.progress()
+        state = {"epoch": epoch, "batches": trained}
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"ranks": [state]}
+        ranks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, state)
+        return {"ranks": ranks}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        if len(state["ranks"]) != world:
+            raise ConfigError(
+                f"resume: the checkpoint was written by {len(state['ranks'])} rank(s) and this run has {world}; "
+                "the data position is kept per rank, so resume with the same trainer.devices x trainer.num_nodes"
+            )
+        mine = state["ranks"][rank]
+        self._resume = {"epoch": int(mine["epoch"]), "batches": int(mine["batches"])}

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mmkit.cli import hydra_command
 from mmkit.errors import ConfigError
 from mmkit.provenance import git_state, library_versions
+from mmkit.training.resume import is_unfinished, resolve_run_dir, save_run_config
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -41,9 +42,18 @@ def train(cfg: DictConfig) -> dict:
 
     _check_launch(cfg)
     check_evaluation(cfg)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    own_dir = Path(HydraConfig.get().runtime.output_dir)
+    config = OmegaConf.to_container(cfg, resolve=False)
+    run_dir = resolve_run_dir(cfg.resume, own_dir, config)
+    resuming = cfg.resume is not None and is_unfinished(run_dir)
+    if resuming:
+        print(f"resume: continuing the run in {run_dir}", flush=True)
+    elif cfg.resume is not None:
+        print(f"resume={cfg.resume}: no interrupted run with this config; starting a new one in {run_dir}", flush=True)
+    if _is_global_zero():
+        save_run_config(run_dir, config)
     started = time.perf_counter()
-    stages, model = run_recipe(cfg, run_dir)
+    stages, model = run_recipe(cfg, run_dir, resume=resuming)
     evaluation = evaluate_model(cfg, model, run_dir / "eval") if _is_global_zero() else {}
     summary = {
         "stages": stages,
@@ -53,6 +63,7 @@ def train(cfg: DictConfig) -> dict:
         "git": git_state(Path(__file__).resolve().parent),
         "versions": library_versions(),
         "overrides": list(HydraConfig.get().overrides.task),
+        "resumed": resuming,
     }
     if _is_global_zero():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

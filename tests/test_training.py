@@ -43,15 +43,13 @@ def stage1(tmp_path_factory):
 
 def test_frozen_weights_cost_nothing_in_stage1(stage1):
     """No gradient, no optimizer state for frozen weights; the frozen tower runs without autograd."""
-    from types import SimpleNamespace
 
     from mmkit.training.module import LitVLM
 
     _, model, _, _, _ = stage1
     assert ENCODER_GRAD_MODES and not any(ENCODER_GRAD_MODES)
     assert all(p.grad is None for name, p in model.named_parameters() if not name.startswith("connector."))
-    lit = LitVLM(model, {"lr": 1e-3}, {})
-    lit._trainer = SimpleNamespace(estimated_stepping_batches=10)
+    lit = LitVLM(model, {"lr": 1e-3}, {}, total_steps=10)
     optimizer = lit.configure_optimizers()["optimizer"]
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.connector.parameters()}

@@ -14,8 +14,7 @@ from __future__ import annotations
 from itertools import islice
 from typing import Any, Callable, Iterator
 
-import torch.distributed as dist
-
+from mmkit.distributed import gather_objects, rank_and_world
 from mmkit.errors import ConfigError
 
 # (epoch, batches of it already trained) -> the rest of the epoch's batches
@@ -48,15 +47,10 @@ class ResumableBatches:
         """Every rank's position (they are equal unless a rank fell behind). Lightning calls this
         on every rank while it assembles a checkpoint, so the gather is matched on all of them."""
         epoch, trained = self.progress()
-        state = {"epoch": epoch, "batches": trained}
-        if not (dist.is_available() and dist.is_initialized()):
-            return {"ranks": [state]}
-        ranks: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, state)
-        return {"ranks": ranks}
+        return {"ranks": gather_objects({"epoch": epoch, "batches": trained})}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+        rank, world = rank_and_world()
         if len(state["ranks"]) != world:
             raise ConfigError(
                 f"resume: the checkpoint was written by {len(state['ranks'])} rank(s) and this run has {world}; "

@@ -8,9 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from mmkit.errors import DataError, TrainingError
+from mmkit.distributed import gather_objects
+from mmkit.errors import ConfigError, DataError, TrainingError
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.optimizer import build_adamw
+from mmkit.training.resume import restore_rng_states, rng_states
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
@@ -29,12 +31,17 @@ class LitVLM(L.LightningModule):
         schedule: dict[str, Any],
         sample_log: Path | None = None,
         guards: dict[str, Any] | None = None,
+        total_steps: int = 1,
     ) -> None:
+        """``total_steps``: the optimizer steps of the stage, for the schedule. Given by the recipe:
+        Lightning's ``estimated_stepping_batches`` would set up the training data before a
+        resumed checkpoint is restored, and the data position would never be handed over."""
         super().__init__()
         self.model = model
         self.optimizer_cfg = optimizer
         self.schedule_cfg = schedule
         self.sample_log = sample_log
+        self.total_steps = max(1, total_steps)
         self.guards = {"max_skip_fraction": 1.0, "min_samples_checked": 0, "max_nonfinite_steps": 0, **(guards or {})}
         self.samples_seen = 0
         self.skipped: list[tuple[str, str]] = []
@@ -42,6 +49,11 @@ class LitVLM(L.LightningModule):
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
         self._nonfinite_loss = False
+        self._logged_keys = 0
+        self._rng_to_restore: dict[str, Any] | None = None
+        # A resumable checkpoint holds the trainable weights only; the frozen ones come from the
+        # model's own sources (pretrained towers, earlier stages), as in the run it resumes.
+        self.strict_loading = False
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.skipped += batch["skipped"]
@@ -60,6 +72,7 @@ class LitVLM(L.LightningModule):
         if self.sample_log is not None:
             with open(self.sample_log, "a") as handle:
                 handle.writelines(f"{key}\n" for key in batch["keys"])
+            self._logged_keys += len(batch["keys"])
         loss = outputs.loss
         value = loss.item()
         if math.isfinite(value):
@@ -113,13 +126,58 @@ class LitVLM(L.LightningModule):
                 "reason is in the stage's skipped.jsonl"
             )
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        # Every rank's own counters and generators (this hook runs on every rank; rank 0 writes).
+        checkpoint["mmkit"] = {"ranks": gather_objects({
+            "samples_seen": self.samples_seen,
+            "skipped": [list(item) for item in self.skipped],
+            "recent_losses": self.recent_losses,
+            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
+            "logged_keys": self._logged_keys,
+            "rng": rng_states(),
+        })}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        saved = set(checkpoint["state_dict"])
+        if saved != trainable:
+            raise ConfigError(
+                f"resume: the checkpoint's trained weights do not match this stage's (missing "
+                f"{sorted(trainable - saved)[:3]}, unexpected {sorted(saved - trainable)[:3]}); "
+                "was recipe.stages.<stage>.train or decoder.lora changed?"
+            )
+        ranks = checkpoint["mmkit"]["ranks"]
+        state = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
+        self.samples_seen = state["samples_seen"]
+        self.skipped = [tuple(item) for item in state["skipped"]]
+        self.recent_losses = list(state["recent_losses"])
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self._nonfinite_in_a_row = state["nonfinite_in_a_row"]
+        self._rng_to_restore = state["rng"]
+        if self.sample_log is not None:
+            # Keys logged after the checkpoint belong to steps the resumed run trains again.
+            self._logged_keys = state["logged_keys"]
+            lines = self.sample_log.read_text().splitlines(keepends=True) if self.sample_log.exists() else []
+            self.sample_log.write_text("".join(lines[: self._logged_keys]))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # As late as possible: creating the DataLoader's iterator, at the first fetch, draws from
+        # torch's generator, which the uninterrupted run did before its checkpoint.
+        if self._rng_to_restore is not None:
+            restore_rng_states(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = build_adamw(parameters, self.optimizer_cfg)
-        total_steps = int(self.trainer.estimated_stepping_batches)
+        total_steps = self.total_steps
         warmup_steps = max(1, math.ceil(float(self.schedule_cfg.get("warmup_ratio", 0.03)) * total_steps))
         min_ratio = float(self.schedule_cfg.get("min_lr_ratio", 0.0))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, warmup_steps, total_steps, min_ratio)
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+

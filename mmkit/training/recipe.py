@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -15,12 +17,14 @@ from omegaconf import DictConfig
 from mmkit.data.datamodule import ShardDataModule
 from mmkit.data.images import ImageProcessor
 from mmkit.data.samples import SampleEncoder
+from mmkit.distributed import gather_objects
 from mmkit.errors import ConfigError
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.registry import DATASETS, TEMPLATES
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.training.module import LitVLM
+from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint, write_atomically
 from mmkit.training.stages import configure_trainable, count_parameters
 from mmkit.training.throughput import FlopModel, ThroughputMonitor
 from mmkit.training.trainer import build_trainer
@@ -63,13 +67,8 @@ def accumulation_steps(stage: DictConfig, key: str, world_size: int) -> int:
 
 def _gather_counts(samples: int, skipped: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
     """Totals over all ranks (each rank read different shards)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return samples, skipped
-    total = torch.tensor([samples], dtype=torch.long)
-    dist.all_reduce(total)
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, skipped)
-    return int(total.item()), [item for rank_items in gathered for item in rank_items]
+    per_rank = gather_objects((samples, skipped))
+    return sum(count for count, _ in per_rank), [item for _, items in per_rank for item in items]
 
 
 def _init_connector(model: VisionLanguageModel, source: str | None, previous: Path | None, key: str) -> str | None:
@@ -115,17 +114,32 @@ def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLangu
     )
 
 
+def _optimizer_steps(stage: DictConfig, datamodule: ShardDataModule, trainer: L.Trainer) -> int:
+    """What Lightning's ``estimated_stepping_batches`` gives, without setting up the training data."""
+    datamodule.setup("fit")
+    batches = datamodule.batches_per_epoch(trainer.world_size)
+    steps = max(int(stage.epochs), 1) * math.ceil(batches / trainer.accumulate_grad_batches)
+    return min(steps, int(stage.max_steps)) if stage.max_steps > 0 else steps
+
+
 def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
     with open(path, "w") as handle:
         handle.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
 
 
 def run_stage(
-    cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None
+    cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None, resume: bool = False
 ) -> tuple[dict[str, Any], Path]:
+    """Train one stage; with ``resume``, a finished stage is loaded instead of trained and an
+    interrupted one continues from its newest checkpoint."""
     stage = cfg.recipe.stages[name]
     key = f"recipe.stages.{name}"
     stage_dir = run_dir / name
+    if resume and (stage_dir / STAGE_DONE).is_file():
+        load_stage_weights(model, stage_dir / WEIGHTS)
+        print(f"resume: stage {name} finished earlier; its weights are loaded, not trained again", flush=True)
+        return json.loads((stage_dir / STAGE_DONE).read_text()), stage_dir / WEIGHTS
+    resume_from = latest_checkpoint(stage_dir) if resume else None
     stage_dir.mkdir(parents=True, exist_ok=True)
     connector_from = _init_connector(model, stage.get("connector_from"), previous, key)
     configure_trainable(model, list(stage.train), key=f"{key}.train")
@@ -134,20 +148,25 @@ def run_stage(
 
     datamodule = _stage_data(cfg, stage, key, model)
     throughput = ThroughputMonitor(FlopModel.of(model), cfg.peak_tflops)
+    checkpointing = checkpoint_callback(stage_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
     trainer = build_trainer(
-        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, callbacks=[throughput]
+        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, callbacks=[throughput],
+        checkpointing=checkpointing,
     )
     # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
-    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log, guards=as_dict(cfg.guards))
+    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log, guards=as_dict(cfg.guards),
+                 total_steps=_optimizer_steps(stage, datamodule, trainer))
 
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():
             # Frozen towers sit in eval mode on purpose (no dropout); Lightning warns about that.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-            trainer.fit(lit, datamodule=datamodule)
+            if resume_from is not None:
+                print(f"resume: stage {name} continues from {resume_from}", flush=True)
+            trainer.fit(lit, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     except BaseException:
         # A stage that stops early still leaves its skipped samples: the first thing to look at.
         rank = trainer.global_rank
@@ -177,22 +196,27 @@ def run_stage(
         "world_size": trainer.world_size,
         "shards_sha256": datamodule.shards.sha256 if datamodule.shards else {},
         "checkpoint": str(checkpoint.relative_to(run_dir)),
+        "resumed_from": str(resume_from.relative_to(run_dir)) if resume_from else None,
     }
     if trainer.is_global_zero:
         save_stage_weights(state, trainable_names, stage_dir, meta={"stage": name, "trained": list(stage.train)})
         _write_skipped(stage_dir / "skipped.jsonl", skipped)
+        write_atomically(stage_dir / STAGE_DONE, json.dumps(summary, indent=2))
+        if not cfg.checkpoint.keep_after_stage:
+            shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the next stage reads this checkpoint on every rank
     return summary, checkpoint
 
 
-def run_recipe(cfg: DictConfig, run_dir: Path) -> tuple[dict[str, Any], VisionLanguageModel]:
-    """Each stage's summary, and the model as the last stage left it."""
+def run_recipe(cfg: DictConfig, run_dir: Path, resume: bool = False) -> tuple[dict[str, Any], VisionLanguageModel]:
+    """Each stage's summary, and the model as the last stage left it. ``resume``: continue the
+    run in ``run_dir`` (finished stages are loaded, the interrupted one resumes mid-epoch)."""
     check_recipe(cfg)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     model = build_model(cfg)
     stages: dict[str, Any] = {}
     previous: Path | None = None
     for name in cfg.recipe.stages:
-        stages[name], previous = run_stage(cfg, name, model, run_dir, previous)
+        stages[name], previous = run_stage(cfg, name, model, run_dir, previous, resume)
     return stages, model

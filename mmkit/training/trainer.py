@@ -5,10 +5,12 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from mmkit.errors import ConfigError
+from mmkit.training.resume import SafeCheckpointIO
 
 
 def _module_classes(model: nn.Module, names: list[str], key: str) -> set[type]:
@@ -47,7 +49,10 @@ def build_trainer(
     max_epochs: int,
     max_steps: int,
     callbacks: list[L.Callback] | None = None,
+    checkpointing: ModelCheckpoint | None = None,
 ) -> L.Trainer:
+    """``checkpointing``: the resumable checkpoints of the stage (:mod:`mmkit.training.resume`);
+    a finished stage's weights are written by the recipe either way."""
     options = dict(trainer_cfg)
     options["strategy"] = build_strategy(options.get("strategy", "auto"), model)
     return L.Trainer(
@@ -56,8 +61,8 @@ def build_trainer(
         max_steps=max_steps,
         default_root_dir=str(stage_dir),
         logger=CSVLogger(str(stage_dir), name="", version=""),
-        # Stage weights are written by the recipe as safetensors (trainable parameters only).
-        enable_checkpointing=False,
+        enable_checkpointing=checkpointing is not None,
+        plugins=[SafeCheckpointIO()],
         num_sanity_val_steps=0,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), *([checkpointing] if checkpointing else [])],
     )

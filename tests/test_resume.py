@@ -100,3 +100,73 @@ def test_sigkilled_runs_resume_mid_epoch_to_the_uninterrupted_weights(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed"] is True and summary["stages"]["finetune"]["resumed_from"].startswith("finetune/checkpoints/")
     assert not (run / "finetune" / "checkpoints").exists()  # checkpoint.keep_after_stage=false
+
+
+def interrupted_run(folder: Path, config: dict, stamp: float) -> Path:
+    """A run folder as a killed run leaves it: its config and one whole checkpoint."""
+    from mmkit.training.resume import save_run_config
+
+    checkpoint = folder / "pretrain" / "checkpoints" / "step-0000002.ckpt"
+    checkpoint.mkdir(parents=True)
+    for name in ("state.pt", "weights.safetensors"):
+        (checkpoint / name).write_bytes(b"")
+        os.utime(checkpoint / name, (stamp, stamp))
+    save_run_config(folder, config)
+    return folder
+
+
+def test_resume_finds_the_run_to_continue_or_names_what_stands_in_the_way(tmp_path):
+    from mmkit.errors import ConfigError
+    from mmkit.training.resume import resolve_run_dir
+
+    config = {"seed": 0, "connector": {"name": "mlp2x_gelu"}, "resume": None}
+    other = {**config, "connector": {"name": "linear"}}
+    day = tmp_path / "outputs" / "2026-11-27"
+    older = interrupted_run(day / "10-00-00", config, stamp=1_000)
+    newer = interrupted_run(tmp_path / "outputs" / "2026-11-28" / "09-00-00", config, stamp=2_000)
+    interrupted_run(day / "11-00-00", other, stamp=3_000)  # newest, but another config
+    new = day / "12-00-00"
+    new.mkdir()
+
+    assert resolve_run_dir(None, new, {**config, "resume": None}) == new
+    assert resolve_run_dir("auto", new, {**config, "resume": "auto"}) == newer
+    assert resolve_run_dir("auto", new, {**config, "seed": 1}) == new  # nothing like it: a fresh start
+    assert resolve_run_dir(str(older), new, {**config, "resume": str(older)}) == older
+    with pytest.raises(ConfigError, match=r"differs from the run's .* at connector\.name"):
+        resolve_run_dir(str(older), new, other)
+    (newer / "summary.json").write_text("{}")
+    with pytest.raises(ConfigError, match="that run finished"):
+        resolve_run_dir(str(newer), new, config)
+    with pytest.raises(ConfigError, match="no checkpoint or finished stage"):
+        resolve_run_dir(str(new), new, config)
+
+
+def test_resume_with_another_config_is_refused_in_one_line(tmp_path):
+    run = interrupted_run(tmp_path / "run", {"connector": {"name": "linear"}}, stamp=1_000)
+    result = run_cli(["-m", "mmkit.train", f"resume={run}", f"hydra.run.dir={tmp_path / 'new'}"], timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: resume={run}: this config differs") and "connector.name" in last, last
+
+
+class NotPlainData:
+    def __reduce__(self):  # what a malicious pickle does: run something when it is read
+        return (print, ("this ran while loading",))
+
+
+def test_a_checkpoint_round_trips_and_one_holding_code_is_not_unpickled(tmp_path, capsys):
+    from mmkit.errors import ConfigError
+    from mmkit.training.resume import SafeCheckpointIO
+
+    io = SafeCheckpointIO()
+    path = tmp_path / "step-0000002.ckpt"
+    io.save_checkpoint({"state_dict": {"model.w": torch.ones(2)}, "global_step": 2, "loops": {"a": [1, 2]}}, path)
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 2 and loaded["loops"] == {"a": [1, 2]}
+    torch.testing.assert_close(loaded["state_dict"]["model.w"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000002.ckpt"]  # no partial left behind
+
+    torch.save({"global_step": 2, "payload": NotPlainData()}, path / "state.pt")
+    with pytest.raises(ConfigError, match="not read"):
+        io.load_checkpoint(path)
+    assert "this ran while loading" not in capsys.readouterr().out

@@ -111,7 +111,7 @@ class LitVLM(L.LightningModule):
             raise TrainingError(
                 f"the {what} was NaN or infinite for {self._nonfinite_in_a_row} steps in a row "
                 f"(guards.max_nonfinite_steps={limit}) at step {self.global_step}; the run stopped, "
-                "and the last completed stage's checkpoint is kept (lower the learning rate, or check the data)"
+                "and the stage's last checkpoints are kept (lower the learning rate or check the data, then resume=<run folder>)"
             )
 
     def _check_skip_fraction(self) -> None:

@@ -10,6 +10,7 @@ the data position) with mmkit's counters and RNG states in ``state.pt``, which i
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -55,7 +56,13 @@ class SafeCheckpointIO(CheckpointIO):
         path = Path(path)
         if not (path / WEIGHTS_FILE).is_file() or not (path / STATE_FILE).is_file():
             raise ConfigError(f"resume: {path} is not an mmkit checkpoint folder ({WEIGHTS_FILE} + {STATE_FILE})")
-        checkpoint = torch.load(path / STATE_FILE, map_location=map_location or "cpu", weights_only=True)
+        try:
+            checkpoint = torch.load(path / STATE_FILE, map_location=map_location or "cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise ConfigError(
+                f"resume: {path / STATE_FILE} holds more than tensors and plain values, so it is not read "
+                f"(a pickle can run code): {str(error).splitlines()[0]}"
+            ) from None
         checkpoint["state_dict"] = load_file(str(path / WEIGHTS_FILE))
         return checkpoint
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from mmkit.config import CONF_DIR, check_group_choices
+from mmkit.config import CONF_DIR, check_composition, check_group_choices
 from mmkit.errors import ConfigError, MmkitError
 
 
@@ -28,8 +28,10 @@ def hydra_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callabl
             _fail(exc)
 
     def main() -> None:
+        overrides = [arg for arg in sys.argv[1:] if not arg.startswith("-")]
         try:
-            check_group_choices([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+            check_group_choices(overrides)
+            check_composition(config_name, overrides)
         except ConfigError as exc:
             _fail(exc)
         hydra_main()

@@ -10,8 +10,10 @@ from hydra.errors import HydraException
 
 from mmkit.errors import ConfigError
 from mmkit.registry import plugin_entry_points
+from mmkit.schema import register as register_schema
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+register_schema()  # conf/config.yaml's defaults start with it, so it must exist before any compose
 
 
 def plugin_config_dirs() -> list[Path]:
@@ -55,3 +57,34 @@ def check_group_choices(overrides: list[str]) -> None:
             close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"{group}={value}: no such {group} config; available: {', '.join(choices)}{hint}")
+
+
+def _one_line(error: BaseException) -> str:
+    """OmegaConf's and Hydra's multi-line messages as one line that starts with the key."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    message = lines[0] if lines else type(cause).__name__
+    return f"{key}: {message}" if key else message
+
+
+def check_composition(config_name: str, overrides: list[str]) -> None:
+    """Compose ``config_name`` with ``overrides`` as Hydra will, failing with one line on a value
+    of the wrong type or a key the config does not have. Sweeps are left to each job."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # Hydra reports syntax errors itself
+    if any(override.is_sweep_override() for override in parsed):
+        return
+    kept = [o for o, p in zip(overrides, parsed) if not p.key_or_group.startswith(("hydra.", "hydra/"))]
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            compose(config_name=config_name, overrides=kept)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_one_line(error)) from None

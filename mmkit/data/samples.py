@@ -63,10 +63,11 @@ class SampleEncoder:
             raise DataError(f"undecodable JSON: {exc}") from None
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise DataError("the JSON record has no 'conversations' list")
+        for index, turn in enumerate(record["conversations"]):
+            if not (isinstance(turn, dict) and isinstance(turn.get("from"), str) and isinstance(turn.get("value"), str)):
+                raise DataError(f"conversation turn {index} is not {{'from': text, 'value': text}}")
         image_bytes = next((sample[ext] for ext in IMAGE_EXTENSIONS if ext in sample), None)
-        placeholders = sum(
-            turn.get("value", "").count(IMAGE_TOKEN) for turn in record["conversations"] if isinstance(turn, dict)
-        )
+        placeholders = sum(turn["value"].count(IMAGE_TOKEN) for turn in record["conversations"])
         expected = 0 if image_bytes is None else 1
         if placeholders != expected:
             raise DataError(f"{placeholders} {IMAGE_TOKEN} placeholders for {expected} image(s)")

@@ -22,6 +22,7 @@ from mmkit.errors import ConfigError
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.registry import DATASETS, TEMPLATES
+from mmkit.schema import check_ranges
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint, write_atomically
@@ -33,7 +34,8 @@ PREVIOUS = "previous"
 
 
 def check_recipe(cfg: DictConfig) -> None:
-    """Every name in the recipe resolves, before anything heavy is built."""
+    """Every value is in range and every name in the recipe resolves, before anything heavy is built."""
+    check_ranges(cfg)
     check_component_names(cfg)
     stages = cfg.recipe.stages
     if not stages:

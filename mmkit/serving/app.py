@@ -40,9 +40,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         if self.path == "/health":
-            sizes = list(self.server.batcher.batch_sizes)
-            self._json(200, {"status": "ok", "model": self.server.served_model, "batches": len(sizes),
-                             "requests_answered": sum(sizes), "largest_batch": max(sizes, default=0)})
+            batcher = self.server.batcher
+            self._json(200, {"status": "ok", "model": self.server.served_model, "batches": batcher.batches,
+                             "requests_answered": batcher.requests_answered, "largest_batch": batcher.largest_batch})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{
                 "id": self.server.served_model, "object": "model", "created": self.server.started, "owned_by": "mmkit",
@@ -72,8 +72,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(500, {"error": {"message": f"generation failed: {exc}", "type": "server_error",
                                        "param": None, "code": None}})
 
+    def _content_length(self) -> int:
+        text = self.headers.get("Content-Length") or "0"
+        if not text.strip().isdigit():
+            self.close_connection = True  # the body's end is unknown, so the connection cannot be reused
+            raise RequestError(400, f"Content-Length {text!r} is not a byte count")
+        return int(text)
+
     def _parse(self) -> ChatRequest:
-        length = int(self.headers.get("Content-Length") or 0)
+        length = self._content_length()
         limits = self.server.limits
         if length > limits.max_request_bytes:
             self.close_connection = True
@@ -117,7 +124,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _drain(self) -> None:
-        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            length = self._content_length()
+        except RequestError:
+            return
         if length <= self.server.limits.max_request_bytes:
             self.rfile.read(length)
         else:

@@ -29,7 +29,10 @@ class Batcher:
         self.max_batch_size = max_batch_size
         self.wait_s = wait_ms / 1000
         self._jobs: queue.Queue[_Job] = queue.Queue()
-        self.batch_sizes: list[int] = []  # how many requests each generate call answered (GET /health)
+        # Totals for GET /health; counters, not a list, so a server up for weeks holds no history.
+        self.batches = 0
+        self.requests_answered = 0
+        self.largest_batch = 0
         threading.Thread(target=self._work, name="mmkit-generation", daemon=True).start()
 
     def answer(self, prompt: Prompt, sampling: Sampling) -> Reply:
@@ -60,7 +63,9 @@ class Batcher:
                 self._answer([j for j in plain if j.sampling == sampling], sampling)
 
     def _answer(self, jobs: list[_Job], sampling: Sampling) -> None:
-        self.batch_sizes.append(len(jobs))
+        self.batches += 1
+        self.requests_answered += len(jobs)
+        self.largest_batch = max(self.largest_batch, len(jobs))
         try:
             replies = self.generator.replies([j.prompt for j in jobs], sampling)
         except Exception as exc:

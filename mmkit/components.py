@@ -11,6 +11,7 @@ import mmkit.datagen.rules  # noqa: F401
 import mmkit.evaluation.bias  # noqa: F401
 import mmkit.evaluation.judges  # noqa: F401
 import mmkit.evaluation.llava_bench  # noqa: F401
+import mmkit.evaluation.judge_validity  # noqa: F401
 import mmkit.evaluation.scienceqa  # noqa: F401
 import mmkit.evaluation.synthetic  # noqa: F401
 import mmkit.models.connectors.identity  # noqa: F401

@@ -19,14 +19,19 @@ from mmkit.errors import ConfigError
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from mmkit.evaluation.run import build_generator, run_task
+    from mmkit.evaluation.run import build_generator, recipe_teachers, run_task
     from mmkit.models.build import as_dict
     from mmkit.registry import EVALUATORS, load_components
 
     load_components()
     evaluator = EVALUATORS.build(as_dict(cfg.task), "task")
-    if (cfg.model is None) == (cfg.predictions is None):
-        raise ConfigError("give exactly one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
+    if cfg.model is not None and cfg.predictions is not None:
+        raise ConfigError("give one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl, not both")
+    if cfg.model is None and cfg.predictions is None:
+        if evaluator.needs_answers:
+            raise ConfigError("give model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
+        out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
+        return run_task(cfg.task.name, evaluator, out_dir).metrics
     if cfg.predictions is not None:
         out_dir = Path(cfg.out_dir or HydraConfig.get().runtime.output_dir)
         predictions, items = Path(cfg.predictions), evaluator.items()
@@ -38,6 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     from mmkit.models.load import load_run, resolve_device
 
     train_cfg, model = load_run(cfg.model)
+    evaluator.record_teachers(recipe_teachers(train_cfg))
     model.to(resolve_device(cfg.device))
     generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
     out_dir = Path(cfg.out_dir or Path(cfg.model) / "eval" / cfg.task.name)

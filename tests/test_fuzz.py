@@ -67,7 +67,7 @@ def encoders():
             for name in ("vicuna_v1", "llava_v0", "plain")]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(batch=st.lists(samples, min_size=1, max_size=4), which=st.integers(0, 2))
 def test_random_samples_are_encoded_or_skipped_with_a_reason(encoders, batch, which):
     encoder = encoders[which]
@@ -104,7 +104,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(overrides=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_random_override_values_give_a_valid_config_or_one_config_error(overrides):
     from hydra.core.override_parser.overrides_parser import OverridesParser

@@ -74,13 +74,14 @@ def test_openai_judge_over_http_averages_three_runs_and_caches(bench_dir, tmp_pa
 
     answers = _answers(tmp_path / "a.jsonl", bench_dir, lambda q, r: "Something.")
     with FakeChatServer(api_key=None, respond=respond, fail_first=2, fail_status=429) as server:
-        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path))
+        # One order only here (swap_order=False): this test counts requests; tests/test_judging.py swaps.
+        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path), swap_order=False)
         result = run_task("llava_bench", evaluator, tmp_path / "out", predictions=answers)
         questions = len(evaluator.items())
         assert server.requests == 3 * questions + 2  # three runs, plus the two 429s retried
         assert result.metrics["relative"] == 75.0 and result.metrics["judge_failures"] == 0
         assert result.metrics["judge"] == f"fake-judge at {server.base_url}"
-        again = run_task("llava_bench", LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path)),
+        again = run_task("llava_bench", LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path), swap_order=False),
                          tmp_path / "out2", predictions=answers)
         assert server.requests == 3 * questions + 2  # every judgment came from the cache
         assert again.metrics == result.metrics
@@ -89,14 +90,15 @@ def test_openai_judge_over_http_averages_three_runs_and_caches(bench_dir, tmp_pa
 def test_malformed_scores_and_500s_are_retried_then_counted_as_failures_never_zero(bench_dir, tmp_path):
     answers = _answers(tmp_path / "a.jsonl", bench_dir, lambda q, r: r)
     with FakeChatServer(api_key=None, respond=lambda m: "Both answers are fine.") as server:
-        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path, max_retries=2), runs=1)
+        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path, max_retries=2), runs=1, swap_order=False)
         result = run_task("llava_bench", evaluator, tmp_path / "out", predictions=answers)
         questions = len(evaluator.items())
         assert server.requests == 3 * questions  # each asked three times (max_retries=2)
         assert result.metrics["judge_failures"] == questions and "relative" not in result.metrics
         assert "judge failures (not scored): " + str(questions) in result.table
     with FakeChatServer(api_key=None, status=500) as server:
-        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path, max_retries=1), runs=1, limit=2)
+        evaluator = LlavaBenchEvaluator(str(bench_dir), judge=_judge(server, tmp_path, max_retries=1), runs=1, limit=2,
+                                        swap_order=False)
         result = run_task("llava_bench", evaluator, tmp_path / "out3", predictions=answers)
         assert result.metrics["judge_failures"] == 2 and server.requests == 4
 

@@ -90,12 +90,16 @@ def test_sigkilled_runs_resume_mid_epoch_to_the_uninterrupted_weights(tmp_path):
         assert trained == expected, stage
         assert set(trained[done_at_checkpoint:]).isdisjoint(trained[:done_at_checkpoint]), stage
         summary = json.loads((run / stage / "stage.json").read_text())
+        print(f"{stage}: killed, resumed from step {step} of {summary['steps']}: {done_at_checkpoint} of "
+              f"{len(expected)} samples were trained before the checkpoint, the other {len(expected) - done_at_checkpoint} after")
         assert summary["samples"] == len(expected) and summary["steps"] == json.loads(
             (baseline / stage / "stage.json").read_text())["steps"]
         want, got = load_file(str(baseline / stage / "trainable.safetensors")), load_file(str(run / stage / "trainable.safetensors"))
         assert want.keys() == got.keys() and any("lora_" in k for k in want) == (stage == "finetune")
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=f"{stage} {name}")
+        largest = max((got[name] - want[name]).abs().max().item() for name in want)
+        print(f"{stage}: {len(want)} tensors, largest difference from the uninterrupted run {largest:.2e}")
     assert len(logged_before_resume) >= resumed_step(run / "pretrain") * SAMPLES_PER_STEP
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed"] is True and summary["stages"]["finetune"]["resumed_from"].startswith("finetune/checkpoints/")

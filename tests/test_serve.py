@@ -1,15 +1,11 @@
 """python -m mmkit.serve as a real process on 127.0.0.1, spoken to by the official openai client."""
 from __future__ import annotations
 
-import base64
 import http.client
-import io
 import json
-import struct
 import subprocess
 import sys
 import threading
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -17,6 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
+
+sys.path.insert(0, str(REPO / "experiments" / "soak"))
+from serve_soak import data_url, huge_png_header, png  # noqa: E402  the soak's request builders
 from mmkit.evaluation.generation import Prompt, Sampling
 from mmkit.evaluation.run import build_generator
 from mmkit.serving.requests import Limits, RequestError, load_image_url
@@ -25,24 +24,6 @@ from mmkit.synth.world import generate_scenes, render
 QUESTIONS = ["What colour is the circle?", "How many objects are there?", "Where is the square?",
              "Is there a red triangle?", "Describe the image.", "Which is larger?", "What is in the top left?"]
 LIMITS = ["limits.max_prompt_tokens=400", "limits.max_image_pixels=1000000", "limits.max_tokens=64"]
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-def _huge_png_header(width: int, height: int) -> bytes:
-    """A small PNG file whose header claims ``width`` x ``height`` pixels."""
-    png = _png(Image.new("RGB", (8, 8), (10, 20, 30)))
-    ihdr = png[12:29]  # chunk type + 13 bytes of data
-    patched = ihdr[:4] + struct.pack(">II", width, height) + ihdr[12:]
-    return png[:12] + patched + struct.pack(">I", zlib.crc32(patched)) + png[33:]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +57,7 @@ def images():
 
 def _messages(question: str, image: Image.Image) -> list[dict]:
     return [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": _data_url(_png(image))}}, {"type": "text", "text": question},
+        {"type": "image_url", "image_url": {"url": data_url(png(image))}}, {"type": "text", "text": question},
     ]}]
 
 
@@ -153,8 +134,8 @@ def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, ima
     bad = {
         "not JSON": b"{this is not json",
         "bad base64": with_image_url("data:image/png;base64,@@@not-base64@@@"),
-        "not an image": with_image_url(_data_url(b"GIF89a but not really an image at all")),
-        "20000x20000": with_image_url(_data_url(_huge_png_header(20000, 20000))),
+        "not an image": with_image_url(data_url(b"GIF89a but not really an image at all")),
+        "20000x20000": with_image_url(data_url(huge_png_header(20000, 20000))),
         "prompt over the limit": json.dumps({"model": "lively", "messages": [
             {"role": "user", "content": "describe " * 500}]}).encode(),
         "max_tokens over the limit": request(max_tokens=100000),
@@ -181,14 +162,14 @@ def _health(port: int) -> dict:
 
 
 def test_remote_images_are_fetched_only_when_enabled(tmp_path):
-    png = _png(Image.new("RGB", (16, 16), (200, 0, 0)))
+    red_png = png(Image.new("RGB", (16, 16), (200, 0, 0)))
 
     class Images(BaseHTTPRequestHandler):
         def do_GET(self):
             self.send_response(200)
-            self.send_header("Content-Length", str(len(png)))
+            self.send_header("Content-Length", str(len(red_png)))
             self.end_headers()
-            self.wfile.write(png)
+            self.wfile.write(red_png)
 
         def log_message(self, *args):
             pass

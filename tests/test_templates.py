@@ -131,3 +131,22 @@ def test_generation_prompt_ends_with_the_assistant_header(tokenizer):
 def test_malformed_conversations_raise_data_errors(tokenizer, conversation, message):
     with pytest.raises(DataError, match=message):
         encode("vicuna_v1", tokenizer, conversation)
+
+
+def test_a_format_whose_text_the_tokenizer_cannot_represent_is_refused_naming_the_key():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmkit.errors import ConfigError
+    from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
+
+    for name in ("vicuna_v1", "llava_v0", "plain"):  # every built-in format with the zoo's byte-level BPE
+        TEMPLATES.build({"name": name}, "template").check_tokenizer(prepare_tokenizer("zoo://tiny-llama"), "template")
+    words = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "Hi": 3, "Yes": 4}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    narrow = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    with pytest.raises(ConfigError, match=r"^recipe\.stages\.finetune\.template: the tokenizer cannot represent \['A', 'chat'"):
+        TEMPLATES.build({"name": "vicuna_v1"}, "template").check_tokenizer(narrow, "recipe.stages.finetune.template")
+    no_eos = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>")
+    with pytest.raises(ConfigError, match="ends every reply with the eos token, but the tokenizer has none"):
+        TEMPLATES.build({"name": "vicuna_v1"}, "template").check_tokenizer(no_eos, "template")

@@ -37,6 +37,13 @@ class EvaluationResult:
 
 
 class Evaluator:
+    #: False for an evaluator that makes its own candidates (``judge_validity``): it runs without a
+    #: model or an answer file, and takes their answers as extra candidates when given.
+    needs_answers: bool = True
+
+    def record_teachers(self, teachers: Sequence[Mapping[str, Any]]) -> None:
+        """Who wrote the evaluated model's training data; judged evaluators flag a judge among them."""
+
     def items(self) -> list[EvalItem]:
         raise NotImplementedError
 

@@ -35,6 +35,9 @@ class Review:
 
 class Judge:
     name: str  # reported beside every score: published scores shift with the judge
+    #: True for a judge that never sees the answers' order (it checks the candidate against the
+    #: reference as ground truth): swapping would only mislabel which answer is the reference.
+    order_free: bool = False
 
     def score(self, reviews: Sequence[Review], run: int) -> list[Scores | None]:
         """Scores for each review in judge run ``run``; None where the judge gave no usable score."""
@@ -146,6 +149,7 @@ def fact_f1(candidate: str, reference: str) -> float:
 @JUDGES.register("rules")
 class RulesJudge(Judge):
     name = "rules (fact F1 against the rules teacher's reference)"
+    order_free = True
 
     def score(self, reviews: Sequence[Review], run: int) -> list[Scores | None]:
         return [(10.0, round(1 + 9 * fact_f1(r.candidate, r.reference), 2)) for r in reviews]

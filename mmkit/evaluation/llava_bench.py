@@ -11,6 +11,7 @@ scores shift with the judge. Questions the judge could not score are counted, ne
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,10 +21,12 @@ from mmkit.data.datasets.base import given_or_built
 from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import Prompt
 from mmkit.evaluation.judges import Judge, Review
+from mmkit.evaluation.judging import agreement, build_judges, judge_items, summarise
 from mmkit.synth.llava_bench import synthetic_llava_bench_dir
-from mmkit.registry import EVALUATORS, JUDGES
+from mmkit.registry import EVALUATORS
 
 CATEGORIES = ("conv", "detail", "complex")
+logger = logging.getLogger(__name__)
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -51,23 +54,32 @@ class LlavaBenchEvaluator(Evaluator):
     def __init__(
         self,
         data_dir: str | None = None,
-        judge: Mapping[str, Any] | None = None,
+        judge: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
         runs: int = 3,
+        swap_order: bool = True,
         questions: str = "questions.jsonl",
         context: str = "context.jsonl",
         references: str = "answers_gpt4.jsonl",
         images: str = "images",
         limit: int | None = None,
+        same_family: Sequence[str] = (),
     ) -> None:
-        """``data_dir=None`` uses mmkit's synthetic LLaVA-Bench-format set (rules-teacher references)."""
+        """``data_dir=None`` uses mmkit's synthetic LLaVA-Bench-format set (rules-teacher references).
+        ``judge``: one judge or a list (a panel); ``swap_order``: judge every pair in both orders."""
         if runs < 1:
             raise ConfigError(f"task.runs={runs}: at least one judge run")
-        self.judge: Judge = JUDGES.build(dict(judge or {"name": "rules"}), "task.judge")
+        self.judges: list[Judge] = build_judges(judge)
         self.data_dir = data_dir
         self.runs = runs
+        self.swap_order = swap_order
         self.files = {"questions": questions, "context": context, "references": references}
         self.images = images
         self.limit = limit
+        self.same_family = list(same_family)
+        self.teachers: list[Mapping[str, Any]] = []  # who wrote the evaluated model's data, when known
+
+    def record_teachers(self, teachers: Sequence[Mapping[str, Any]]) -> None:
+        self.teachers = list(teachers)
 
     def items(self) -> list[EvalItem]:
         data_dir = given_or_built(self.data_dir, synthetic_llava_bench_dir)
@@ -89,49 +101,96 @@ class LlavaBenchEvaluator(Evaluator):
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         answered = [item for item in items if item.question_id in answers]
         reviews = [_with_candidate(item.reference, answers[item.question_id]) for item in answered]
-        relative: dict[str, list[float]] = {category: [] for category in ("all", *CATEGORIES)}
-        failures = 0
-        per_item: dict[str, list[Any]] = {item.question_id: [] for item in answered}
-        for run in range(self.runs):
-            scores = self.judge.score(reviews, run)
-            failures += sum(s is None for s in scores)
-            for item, pair in zip(answered, scores):
-                per_item[item.question_id].append(pair)
-            for category in relative:
-                pairs = [pair for item, pair in zip(answered, scores)
-                         if pair is not None and category in ("all", item.reference.category)]
-                if pairs:
-                    reference_mean = statistics.fmean(p[0] for p in pairs)
-                    relative[category].append(100 * statistics.fmean(p[1] for p in pairs) / reference_mean)
+        per_judge = [judge_items(judge, reviews, self.runs, self.swap_order) for judge in self.judges]
+        summaries = [
+            {category: summarise([s for item, s in zip(answered, scored) if category in ("all", item.reference.category)],
+                                 self.runs) for category in ("all", *CATEGORIES)}
+            for scored in per_judge
+        ]
         metrics: dict[str, Any] = {}
-        for category, values in relative.items():
-            if values:
-                key = "relative" if category == "all" else f"relative_{category}"
-                metrics[key] = round(statistics.fmean(values), 2)
-                metrics[f"{key}_std"] = round(statistics.stdev(values), 2) if len(values) > 1 else 0.0
+        for category in ("all", *CATEGORIES):
+            suffix = "" if category == "all" else f"_{category}"
+            for key, name in (("relative", f"relative{suffix}"), ("relative_std", f"relative{suffix}_std"),
+                              ("relative_reference_first", f"relative{suffix}_reference_first"),
+                              ("relative_candidate_first", f"relative{suffix}_candidate_first"),
+                              ("order_effect", f"order_effect{suffix}")):
+                values = [summary[category][key] for summary in summaries if summary[category][key] is not None]
+                if values:  # the panel's mean; a category no judge could score is left out, never 0
+                    metrics[name] = round(statistics.fmean(values), 4)
+        metrics.setdefault("order_effect", None)
+        if len(self.judges) > 1:
+            for index, (judge, summary) in enumerate(zip(self.judges, summaries)):
+                metrics[f"judge_{index}"] = judge.name
+                metrics[f"judge_{index}_relative"] = summary["all"]["relative"]
+                metrics[f"judge_{index}_order_effect"] = summary["all"]["order_effect"]
+            relatives = [summary["all"]["relative"] for summary in summaries if summary["all"]["relative"] is not None]
+            metrics["judges_relative_spread"] = statistics.stdev(relatives) if len(relatives) > 1 else None
+            metrics.update(agreement(per_judge))
+        failures = sum(pair is None for scored in per_judge for item in scored
+                       for pair in item.reference_first + item.candidate_first)
         metrics.update(judge_failures=failures, missing=len(items) - len(answered), judge_runs=self.runs,
-                       judge=self.judge.name)
+                       swap_order=self.swap_order, judge=" | ".join(judge.name for judge in self.judges))
+        metrics.update(teacher_overlap(self.teachers, self.judges, self.same_family))
+        scored_by_item = {item.question_id: [{"reference_first": s.reference_first, "candidate_first": s.candidate_first}
+                                             for s in scores] for item, *scores in zip(answered, *per_judge)}
         predictions = [
             {"question_id": item.question_id, "category": item.reference.category, "text": answers.get(item.question_id),
-             "scores": per_item.get(item.question_id)}
+             "scores": scored_by_item.get(item.question_id)}
             for item in items
         ]
         return EvaluationResult(metrics, predictions, self._table(metrics, items))
 
     def _table(self, metrics: dict[str, Any], items: Sequence[EvalItem]) -> str:
         counts = {c: sum(i.reference.category == c for i in items) for c in CATEGORIES}
+        orders = "both answer orders averaged" if self.swap_order else "reference first only"
         lines = [
             f"LLaVA-Bench: {len(items)} questions; relative score = candidate / reference x 100, "
-            f"mean ± sd over {self.runs} judge run(s); judge: {metrics['judge']}",
-            "| category | questions | relative score |",
-            "|---|---:|---:|",
+            f"mean ± sd over {self.runs} judge run(s), {orders}; judge: {metrics['judge']}",
+            "| category | questions | relative score | order effect (points to the first answer) |",
+            "|---|---:|---:|---:|",
         ]
         for category, label in (*((c, c) for c in CATEGORIES), ("all", "overall")):
-            key = "relative" if category == "all" else f"relative_{category}"
+            suffix = "" if category == "all" else f"_{category}"
+            key = f"relative{suffix}"
             value = f"{metrics[key]:.1f} ± {metrics[key + '_std']:.1f}" if key in metrics else "-"
-            lines.append(f"| {label} | {len(items) if category == 'all' else counts[category]} | {value} |")
+            effect = metrics.get(f"order_effect{suffix}")
+            lines.append(f"| {label} | {len(items) if category == 'all' else counts[category]} | {value} | "
+                         f"{'-' if effect is None else f'{effect:+.2f}'} |")
+        if len(self.judges) > 1:
+            lines.append("")
+            lines.append("| judge | relative score | order effect |")
+            lines.append("|---|---:|---:|")
+            for index in range(len(self.judges)):
+                relative, effect = metrics[f"judge_{index}_relative"], metrics[f"judge_{index}_order_effect"]
+                lines.append(f"| {metrics[f'judge_{index}']} | {'-' if relative is None else f'{relative:.1f}'} | "
+                             f"{'-' if effect is None else f'{effect:+.2f}'} |")
+            kappas = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in metrics.items() if "kappa" in k)
+            lines.append(f"agreement on per-item verdicts over {metrics['agreement_items']} items: {kappas}")
+        if metrics.get("judge_is_teacher"):
+            lines.append(f"WARNING: a judge is the model (or family) that wrote the training data: {metrics['teachers']}")
         lines.append(f"judge failures (not scored): {metrics['judge_failures']}; unanswered: {metrics['missing']}")
         return "\n".join(lines)
+
+
+def teacher_overlap(teachers: Sequence[Mapping[str, Any]], judges: Sequence[Judge], same_family: Sequence[str]) -> dict[str, Any]:
+    """``judge_is_teacher``: a judge is the model that wrote the training data (same model at the
+    same endpoint), or both names start with one of ``same_family``'s prefixes."""
+    if not teachers:
+        return {}
+    def family(model: str) -> str | None:
+        return next((prefix for prefix in same_family if model.startswith(prefix)), None)
+    overlap = False
+    for teacher in teachers:
+        for judge in judges:
+            endpoint = getattr(getattr(judge, "client", None), "base_url", None)
+            model = getattr(getattr(judge, "client", None), "model", None)
+            if model is None or teacher.get("model") is None:
+                continue
+            same = model == teacher["model"] and (endpoint or "").rstrip("/") == str(teacher.get("base_url") or "").rstrip("/")
+            overlap |= same or (family(model) is not None and family(model) == family(str(teacher["model"])))
+    if overlap:
+        logger.warning("the judge is the teacher that wrote the training data (or of its family): %s", list(teachers))
+    return {"judge_is_teacher": overlap, "teachers": [dict(t) for t in teachers]}
 
 
 def _with_candidate(review: Review, candidate: str) -> Review:

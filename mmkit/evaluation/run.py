@@ -13,7 +13,7 @@ from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
 from mmkit.evaluation.generation import AnswerGenerator
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import EVALUATORS, TEMPLATES, load_components
+from mmkit.registry import DATASETS, EVALUATORS, TEMPLATES, load_components
 
 
 def check_evaluation(cfg: DictConfig) -> None:
@@ -50,6 +50,8 @@ def run_task(
         answers = read_answers(predictions)
     elif generator is not None:
         answers = answer_items(items, generator, out_dir / ANSWER_FILE, desc=name)
+    elif not evaluator.needs_answers:
+        answers = {}
     else:
         raise ValueError("run_task needs a generator or a predictions file")
     result = evaluator.score(items, answers)
@@ -61,13 +63,25 @@ def run_task(
     return result
 
 
+def recipe_teachers(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Who wrote each stage's data, where its source knows (once each)."""
+    teachers: list[dict[str, Any]] = []
+    for name, stage in cfg.recipe.stages.items():
+        record = DATASETS.build(as_dict(stage.data), f"recipe.stages.{name}.data").teacher()
+        if record is not None and record not in teachers:
+            teachers.append(record)
+    return teachers
+
+
 def evaluate_model(cfg: DictConfig, model: VisionLanguageModel, out_dir: Path) -> dict[str, dict[str, Any]]:
     """Each configured task's flat metrics; its files under out_dir/<task>/."""
     if not cfg.evaluation.tasks:
         return {}
     generator = build_generator(cfg, model, cfg.evaluation.batch_size, cfg.evaluation.max_new_tokens)
     results = {}
+    teachers = recipe_teachers(cfg)
     for task, node in cfg.evaluation.tasks.items():
         evaluator = EVALUATORS.build(as_dict(node), f"evaluation.tasks.{task}")
+        evaluator.record_teachers(teachers)
         results[task] = run_task(task, evaluator, out_dir / task, generator=generator).metrics
     return results

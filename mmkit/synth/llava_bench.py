@@ -41,9 +41,9 @@ def write_llava_bench(out: Path, scenes: int = DEFAULT_SCENES, seed: int = 0, re
     return out
 
 
-def synthetic_llava_bench_dir(seed: int = 0) -> Path:
-    folder = cache_folder("llava-bench-synthetic", {"seed": seed, "scenes": DEFAULT_SCENES, "version": 1})
-    return build_once(folder, lambda out: write_llava_bench(out, seed=seed))
+def synthetic_llava_bench_dir(seed: int = 0, scenes: int = DEFAULT_SCENES) -> Path:
+    folder = cache_folder("llava-bench-synthetic", {"seed": seed, "scenes": scenes, "version": 1})
+    return build_once(folder, lambda out: write_llava_bench(out, scenes=scenes, seed=seed))
 
 
 def main() -> None:

@@ -94,8 +94,10 @@ def _checkpoint_keys(path: Path) -> list[str]:
 
 def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLanguageModel) -> ShardDataModule:
     """The stage's shards, read through its template, the model's tokenizer and image processor."""
+    template = TEMPLATES.build(as_dict(stage.template), f"{key}.template")
+    template.check_tokenizer(model.tokenizer, f"{key}.template.name={stage.template.name} with decoder.path={cfg.decoder.get('path')}")
     sample_encoder = SampleEncoder(
-        TEMPLATES.build(as_dict(stage.template), f"{key}.template"),
+        template,
         model.tokenizer,
         ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
         model.num_image_tokens,
@@ -197,6 +199,7 @@ def run_stage(
         "global_batch_size": stage.global_batch_size,
         "world_size": trainer.world_size,
         "shards_sha256": datamodule.shards.sha256 if datamodule.shards else {},
+        "teacher": datamodule.source.teacher(),  # who wrote the data, where its source knows
         "checkpoint": str(checkpoint.relative_to(run_dir)),
         "resumed_from": str(resume_from.relative_to(run_dir)) if resume_from else None,
     }

@@ -67,6 +67,15 @@ class DatasetSource:
     def shard_set(self) -> ShardSet:
         raise NotImplementedError
 
+    def teacher(self) -> dict[str, Any] | None:
+        """Who wrote this data (``teacher``, and for a model its ``model`` and ``base_url``), where
+        the source knows: evaluations flag a judge that is the same model."""
+        return None
+
+
+def teacher_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    return {"teacher": name, "model": options.get("model"), "base_url": options.get("base_url")}
+
 
 def given_or_built(path: str | Path | None, build: Callable[[], Path]) -> Path:
     """``path`` when one is configured, else the synthetic stand-in ``build()`` makes (cached)."""

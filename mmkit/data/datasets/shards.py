@@ -1,9 +1,11 @@
 """Existing WebDataset shards in a folder (as written by ``python -m mmkit.data.shards``)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet
+from mmkit.data.datasets.base import DatasetSource, ShardSet, teacher_record
 from mmkit.registry import DATASETS
 
 
@@ -14,3 +16,12 @@ class ShardFolder(DatasetSource):
 
     def shard_set(self) -> ShardSet:
         return ShardSet.from_folder(self.path)
+
+    def teacher(self) -> dict[str, Any] | None:
+        """From the ``datagen.json`` that ``python -m mmkit.datagen`` writes beside its shards."""
+        for folder in (self.path, self.path.parent):
+            identity = folder / "datagen.json"
+            if identity.is_file():
+                written = json.loads(identity.read_text())
+                return teacher_record(written.get("teacher", "?"), written.get("options") or {})
+        return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder
+from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder, teacher_record
 from mmkit.data.shards import convert_llava_json
 from mmkit.registry import DATASETS
 
@@ -29,6 +29,9 @@ class SyntheticDataset(DatasetSource):
             "teacher_options": dict(teacher_options or {}), "resolution": resolution,
         }
         self.samples_per_shard = samples_per_shard
+
+    def teacher(self) -> dict[str, Any]:
+        return teacher_record(self.options["teacher"], self.options["teacher_options"])
 
     def shard_set(self) -> ShardSet:
         identity = {**self.options, "per_shard": self.samples_per_shard, "version": SYNTH_DATA_VERSION}

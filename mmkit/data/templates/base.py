@@ -12,7 +12,7 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mmkit.errors import DataError
+from mmkit.errors import ConfigError, DataError
 from mmkit.models.decoders.base import IMAGE_TOKEN
 from mmkit.registry import TEMPLATES
 
@@ -103,6 +103,24 @@ class ConversationTemplate:
             else:
                 labels += [IGNORE_INDEX] * len(ids)
         return EncodedConversation(input_ids, labels)
+
+    def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, key: str) -> None:
+        """One line naming ``key`` if this format's own text (system prompt, role names,
+        separators, stop text) turns into the tokenizer's unknown token, or its replies end with an
+        eos token the tokenizer does not have: it would train on markers the model cannot see."""
+        probe = normalise_turns([{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yes"}])
+        contents = [segment.content for segment in self.segments(probe)]
+        if any(isinstance(content, EndOfSequence) for content in contents) and tokenizer.eos_token_id is None:
+            raise ConfigError(f"{key}: this format ends every reply with the eos token, but the tokenizer has none")
+        texts = [content for content in contents if isinstance(content, str)] + ([self.stop_text] if self.stop_text else [])
+        for text in texts:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+                unknown = [piece for piece in text.split() if tokenizer.unk_token_id in tokenizer.encode(piece, add_special_tokens=False)]
+                raise ConfigError(
+                    f"{key}: the tokenizer cannot represent {unknown[:3] or [text]!r} of this format's text "
+                    f"(it becomes {tokenizer.unk_token!r}); choose another template or tokenizer"
+                )
 
     @staticmethod
     def _segment_ids(

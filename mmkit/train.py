@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 from mmkit.cli import hydra_command
 from mmkit.errors import ConfigError
 from mmkit.provenance import git_state, library_versions
-from mmkit.training.resume import is_unfinished, resolve_run_dir, save_run_config
 
 
 def _check_launch(cfg: DictConfig) -> None:
@@ -39,6 +38,7 @@ def train(cfg: DictConfig) -> dict:
     """Run the configured recipe in Hydra's output folder and write ``summary.json`` there."""
     from mmkit.evaluation.run import check_evaluation, evaluate_model
     from mmkit.training.recipe import run_recipe
+    from mmkit.training.resume import is_unfinished, resolve_run_dir, save_run_config
 
     _check_launch(cfg)
     check_evaluation(cfg)

@@ -39,6 +39,9 @@ def test_a_judge_that_favours_the_first_answer_is_measured_and_the_swap_cancels_
         unswapped = LlavaBenchEvaluator(judge=openai_judge(server, tmp_path), runs=1, limit=12, swap_order=False)
         plain = unswapped.score(items, {item.question_id: "An answer." for item in items})
     metrics = result.metrics
+    print(f"order effect {metrics['order_effect']}, relative {metrics['relative']} (reference first "
+          f"{metrics['relative_reference_first']}, candidate first {metrics['relative_candidate_first']:.2f}; "
+          f"one order only {plain.metrics['relative']})")
     assert metrics["order_effect"] == pytest.approx(2.0)  # the margin the judge gives the first place
     assert all(metrics[f"order_effect_{c}"] == pytest.approx(2.0) for c in ("conv", "detail", "complex")
                if f"order_effect_{c}" in metrics)
@@ -78,6 +81,7 @@ def test_two_judges_that_disagree_on_known_items_give_the_kappa_computed_by_hand
     second = [classes[y] for _, y in verdict_pairs]
     observed = sum(x == y for x, y in zip(first, second)) / len(first)
     chance = sum(first.count(c) * second.count(c) for c in range(3)) / len(first) ** 2
+    print(f"kappa_0_1 {metrics['kappa_0_1']:.6f}, by hand {(observed - chance) / (1 - chance):.6f}")
     assert metrics["kappa_0_1"] == pytest.approx((observed - chance) / (1 - chance), abs=1e-6)
     assert metrics["agreement_items"] == len(verdict_pairs)
     # Each judge's own relative score, and the panel's mean and spread.
@@ -104,6 +108,8 @@ def test_judge_validity_is_perfect_for_the_rules_judge_and_chance_for_a_random_o
     with FakeChatServer(api_key=None, respond=lambda messages: f"{rng.randint(1, 10)} {rng.randint(1, 10)}") as server:
         random_judge = JudgeValidityEvaluator(scenes=100, judge=openai_judge(server, tmp_path, "random"), runs=1)
         metrics = random_judge.score(random_judge.items(), {}).metrics
+    print(f"rules judge: AUROC {rules['auroc']} over {rules['right']} right and {rules['wrong']} wrong candidates; "
+          f"random judge: AUROC {metrics['auroc']} over {metrics['candidates']}, order effect {metrics['order_effect']:+.3f}")
     assert metrics["candidates"] >= 400
     assert 0.4 < metrics["auroc"] < 0.6
 

@@ -160,6 +160,8 @@ def run_stage(
     # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
     sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
+    if sample_log is not None and resume_from is None:
+        sample_log.unlink(missing_ok=True)  # a stage killed before its first checkpoint starts over
     lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log, guards=as_dict(cfg.guards),
                  total_steps=_optimizer_steps(stage, datamodule, trainer))
 

@@ -139,16 +139,27 @@ def test_a_run_whose_teacher_is_the_judge_is_flagged_in_its_results(lively_run, 
         config.data.finetune.teacher = "openai"
         config.data.finetune.teacher_options = {"base_url": server.base_url, "model": "teacher-and-judge"}
         OmegaConf.save(config, run / ".hydra" / "config.yaml")
-        results = {}
-        for judge_model in ("teacher-and-judge", "another-judge"):
-            out = tmp_path / judge_model
-            judge = (f"task.judge={{name: openai, base_url: '{server.base_url}', model: {judge_model}, "
-                     f"api_key_env: null, cache_dir: '{tmp_path / 'cache'}'}}")
-            result = run_cli(["-m", "mmkit.evaluate", "task=llava_bench", f"model={run}", "task.limit=3", "task.runs=1",
-                              "max_new_tokens=4", judge, f"out_dir={out}"], timeout=300)
-            assert result.returncode == 0, result.stderr[-3000:]
-            results[judge_model] = (json.loads((out / "results.json").read_text()), (out / "table.md").read_text())
-    flagged, table = results["teacher-and-judge"]
-    assert flagged["judge_is_teacher"] is True and "WARNING" in table
-    assert {"teacher": "openai", "model": "teacher-and-judge", "base_url": server.base_url} in flagged["teachers"]
-    assert results["another-judge"][0]["judge_is_teacher"] is False
+        judges = ", ".join(f"{{name: openai, base_url: '{server.base_url}', model: {model}, api_key_env: null, "
+                           f"cache_dir: '{tmp_path / 'cache'}'}}" for model in ("another-judge", "teacher-and-judge"))
+        result = run_cli(["-m", "mmkit.evaluate", "task=llava_bench", f"model={run}", "task.limit=3", "task.runs=1",
+                          "max_new_tokens=4", f"task.judge=[{judges}]", f"out_dir={tmp_path / 'out'}"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert metrics["judge_is_teacher"] is True and "WARNING" in (tmp_path / "out" / "table.md").read_text()
+    assert {"teacher": "openai", "model": "teacher-and-judge", "base_url": server.base_url} in metrics["teachers"]
+
+
+def test_only_the_same_model_at_the_same_endpoint_or_a_named_family_counts_as_the_teacher():
+    from mmkit.evaluation.llava_bench import teacher_overlap
+    from mmkit.registry import JUDGES
+
+    def judge(model: str, base_url: str = "http://127.0.0.1:9/v1"):
+        return JUDGES.build({"name": "openai", "base_url": base_url, "model": model, "api_key_env": None}, "task.judge")
+
+    teacher = {"teacher": "openai", "model": "gpt-4o-2024-08-06", "base_url": "http://127.0.0.1:9/v1"}
+    assert teacher_overlap([teacher], [judge("gpt-4o-2024-08-06")], [])["judge_is_teacher"] is True
+    assert teacher_overlap([teacher], [judge("gpt-4o-2024-08-06", "http://elsewhere/v1")], [])["judge_is_teacher"] is False
+    assert teacher_overlap([teacher], [judge("gpt-4o-mini")], [])["judge_is_teacher"] is False
+    assert teacher_overlap([teacher], [judge("gpt-4o-mini")], ["gpt-4o"])["judge_is_teacher"] is True
+    assert teacher_overlap([teacher], [JUDGES.build({"name": "rules"}, "task.judge")], [])["judge_is_teacher"] is False
+    assert teacher_overlap([], [judge("gpt-4o-mini")], []) == {}  # nothing known about the data: no claim

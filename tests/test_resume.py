@@ -19,8 +19,8 @@ from conftest import REPO, TINY_RUN, run_cli
 
 RUN = [o for o in TINY_RUN if not o.startswith("evaluation.")] + [
     "evaluation=none",
-    "data.pretrain.count=480",  # 30 steps of 16: room to land a kill mid-epoch
-    "data.finetune.count=160",  # 20 micro-batches of 8, 10 steps of 16
+    "data.pretrain.count=320",  # 20 steps of 16: room to land a kill mid-epoch
+    "data.finetune.count=64",  # 192 conversations: 24 micro-batches of 8, 12 steps of 16
     "decoder.lora.enabled=true",
     "decoder.lora.r=4",  # LoRA dropout 0.05: the resumed run must restore the RNG to match
     "checkpoint.every_n_steps=2",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 
 from mmkit.errors import ConfigError
@@ -29,6 +28,8 @@ class TimmViTEncoder(VisionEncoder):
             # timm reads local weights through the pretrained-config overlay, no hub access.
             kwargs["pretrained_cfg_overlay"] = {"file": checkpoint_file}
             pretrained = True
+        import timm  # here, not at the top: importing timm costs seconds that every command would pay
+
         try:
             self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as exc:

@@ -172,7 +172,7 @@ def resolve_run_dir(resume: str | None, new_run_dir: Path, current: dict[str, An
         parent = new_run_dir.parent
         candidates = [p for p in {*parent.glob("*"), *parent.parent.glob("*/*")}
                       if p.is_dir() and p != new_run_dir and is_unfinished(p)]
-        matching = [p for p in candidates if not _differences(p, current)]
+        matching = [p for p in candidates if _differences(p, current) == []]  # a run with no saved config is no match
         return max(matching, key=lambda p: max(_activity(p))) if matching else new_run_dir
     run_dir = Path(resume).expanduser().resolve()
     if (run_dir / "summary.json").exists():

@@ -60,38 +60,41 @@ def with_image(url: str, question: str = "What is it?") -> list[dict]:
                                           {"type": "text", "text": question}]}]
 
 
+CHAT = "/v1/chat/completions"
+
+
 def bad_requests(rng: random.Random) -> dict[str, Callable[[], tuple[bytes, dict[str, str], str]]]:
     """Each kind of bad request: () -> (body, extra headers, path)."""
-    json_headers: dict[str, str] = {}
+
+    def to_chat(body: Callable[[], bytes], headers: dict[str, str] | None = None) -> Callable[[], tuple[bytes, dict[str, str], str]]:
+        return lambda: (body(), headers or {}, CHAT)
+
+    def noise(size: int) -> bytes:
+        return bytes(rng.getrandbits(8) for _ in range(size))
+
+    hello = [{"role": "user", "content": "hi"}]
     return {
-        "not JSON": lambda: (b"{this is not json", json_headers, "/v1/chat/completions"),
-        "random bytes": lambda: (bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))), json_headers,
-                                 "/v1/chat/completions"),
-        "empty body": lambda: (b"", json_headers, "/v1/chat/completions"),
-        "no messages": lambda: (json.dumps({"model": "soak"}).encode(), json_headers, "/v1/chat/completions"),
-        "messages not a list": lambda: (chat("hello"), json_headers, "/v1/chat/completions"),  # type: ignore[arg-type]
-        "bad base64": lambda: (chat(with_image("data:image/png;base64,@@@")), json_headers, "/v1/chat/completions"),
-        "not an image": lambda: (chat(with_image(data_url(bytes(rng.getrandbits(8) for _ in range(200))))),
-                                 json_headers, "/v1/chat/completions"),
-        "20000x20000 image": lambda: (chat(with_image(data_url(huge_png_header(20000, 20000)))), json_headers,
-                                      "/v1/chat/completions"),
-        "prompt over the limit": lambda: (chat([{"role": "user", "content": "describe " * 600}]), json_headers,
-                                          "/v1/chat/completions"),
-        "max_tokens over the limit": lambda: (chat([{"role": "user", "content": "hi"}], max_tokens=10**6), json_headers,
-                                              "/v1/chat/completions"),
-        "temperature not a number": lambda: (chat([{"role": "user", "content": "hi"}], temperature="hot"), json_headers,
-                                             "/v1/chat/completions"),
-        "remote image": lambda: (chat(with_image("http://127.0.0.1:1/x.png")), json_headers, "/v1/chat/completions"),
-        "wrong model": lambda: (json.dumps({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}).encode(),
-                                json_headers, "/v1/chat/completions"),
-        "assistant last": lambda: (chat([{"role": "assistant", "content": "hi"}]), json_headers, "/v1/chat/completions"),
-        "Content-Length not a number": lambda: (b"{}", {"Content-Length": "abc"}, "/v1/chat/completions"),
-        "body over the limit": lambda: (b"x" * 300_000, json_headers, "/v1/chat/completions"),
-        "unknown path": lambda: (chat([{"role": "user", "content": "hi"}]), json_headers, "/v1/nowhere"),
+        "not JSON": to_chat(lambda: b"{this is not json"),
+        "random bytes": to_chat(lambda: noise(rng.randint(1, 300))),
+        "empty body": to_chat(lambda: b""),
+        "no messages": to_chat(lambda: json.dumps({"model": "soak"}).encode()),
+        "messages not a list": to_chat(lambda: chat("hello")),  # type: ignore[arg-type]
+        "bad base64": to_chat(lambda: chat(with_image("data:image/png;base64,@@@"))),
+        "not an image": to_chat(lambda: chat(with_image(data_url(noise(200))))),
+        "20000x20000 image": to_chat(lambda: chat(with_image(data_url(huge_png_header(20000, 20000))))),
+        "prompt over the limit": to_chat(lambda: chat([{"role": "user", "content": "describe " * 600}])),
+        "max_tokens over the limit": to_chat(lambda: chat(hello, max_tokens=10**6)),
+        "temperature not a number": to_chat(lambda: chat(hello, temperature="hot")),
+        "remote image": to_chat(lambda: chat(with_image("http://127.0.0.1:1/x.png"))),
+        "wrong model": to_chat(lambda: json.dumps({"model": "gpt-4", "messages": hello}).encode()),
+        "assistant last": to_chat(lambda: chat([{"role": "assistant", "content": "hi"}])),
+        "Content-Length not a number": to_chat(lambda: b"{}", {"Content-Length": "abc"}),
+        "body over the limit": to_chat(lambda: b"x" * 300_000),
+        "unknown path": lambda: (chat(hello), {}, "/v1/nowhere"),
     }
 
 
-def post(port: int, body: bytes, headers: dict[str, str], path: str = "/v1/chat/completions") -> tuple[int, dict]:
+def post(port: int, body: bytes, headers: dict[str, str], path: str = CHAT) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         connection.putrequest("POST", path)

@@ -21,17 +21,16 @@ import torch
 from mmkit.data.datasets.base import given_or_built
 from mmkit.errors import DataError
 from mmkit.evaluation.base import EvalItem, EvaluationResult
-from mmkit.evaluation.judges import Review, fact_f1, facts
+from mmkit.evaluation.judges import NUMBER_WORDS, Review, fact_f1, facts
 from mmkit.evaluation.judging import judge_items, summarise
 from mmkit.evaluation.llava_bench import LlavaBenchEvaluator
 from mmkit.registry import EVALUATORS
 from mmkit.synth.llava_bench import synthetic_llava_bench_dir
 from mmkit.synth.world import COLOURS, SHAPES, SIZES
 
-_NUMBERS = ("zero", "one", "two", "three", "four", "five")
 _OPPOSITES = {"yes": "no", "no": "yes", "left": "right", "right": "left", "top": "bottom", "bottom": "top",
               "above": "below", "below": "above"}
-_KINDS = [tuple(COLOURS), SHAPES, SIZES, _NUMBERS]
+_KINDS = [tuple(COLOURS), SHAPES, SIZES, NUMBER_WORDS]
 
 
 def corrupt(text: str, rng: random.Random) -> str:

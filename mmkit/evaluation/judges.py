@@ -43,6 +43,10 @@ class Judge:
         """Scores for each review in judge run ``run``; None where the judge gave no usable score."""
         raise NotImplementedError
 
+    def model_endpoint(self) -> tuple[str, str] | None:
+        """(model, base URL) of a judge that is a served model, for comparing it with the teacher."""
+        return None
+
 
 JUDGES.set_base(Judge)
 
@@ -107,6 +111,9 @@ class OpenAIJudge(Judge):
         self.name = f"{self.client.model} at {self.client.base_url}"
         self.failures: list[str] = []
 
+    def model_endpoint(self) -> tuple[str, str]:
+        return self.client.model, self.client.base_url
+
     def score(self, reviews: Sequence[Review], run: int) -> list[Scores | None]:
         with ThreadPoolExecutor(max_workers=self.client.concurrency, thread_name_prefix="mmkit-judge") as pool:
             return list(pool.map(lambda review: self._score_one(review, run), reviews))
@@ -122,9 +129,9 @@ class OpenAIJudge(Judge):
         return parse_scores(reply["content"])
 
 
-_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five")
 FACT_WORDS = frozenset(
-    [*COLOURS, *SHAPES, *SIZES, *_NUMBER_WORDS, "top", "bottom", "left", "right", "above", "below", "yes", "no"]
+    [*COLOURS, *SHAPES, *SIZES, *NUMBER_WORDS, "top", "bottom", "left", "right", "above", "below", "yes", "no"]
 )
 
 

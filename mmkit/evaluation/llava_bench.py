@@ -182,11 +182,11 @@ def teacher_overlap(teachers: Sequence[Mapping[str, Any]], judges: Sequence[Judg
     overlap = False
     for teacher in teachers:
         for judge in judges:
-            endpoint = getattr(getattr(judge, "client", None), "base_url", None)
-            model = getattr(getattr(judge, "client", None), "model", None)
-            if model is None or teacher.get("model") is None:
+            served = judge.model_endpoint()
+            if served is None or teacher.get("model") is None:
                 continue
-            same = model == teacher["model"] and (endpoint or "").rstrip("/") == str(teacher.get("base_url") or "").rstrip("/")
+            model, endpoint = served
+            same = model == teacher["model"] and endpoint.rstrip("/") == str(teacher.get("base_url") or "").rstrip("/")
             overlap |= same or (family(model) is not None and family(model) == family(str(teacher["model"])))
     if overlap:
         logger.warning("the judge is the teacher that wrote the training data (or of its family): %s", list(teachers))

@@ -126,8 +126,12 @@ class LitVLM(L.LightningModule):
                 "reason is in the stage's skipped.jsonl"
             )
 
+    def _trainable_keys(self) -> set[str]:
+        """This stage's trained weights, as Lightning's state dict names them: what a checkpoint holds."""
+        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        trainable = self._trainable_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         # Every rank's own counters and generators (this hook runs on every rank; rank 0 writes).
         checkpoint["mmkit"] = {"ranks": gather_objects({
@@ -141,7 +145,7 @@ class LitVLM(L.LightningModule):
         })}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        trainable = {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        trainable = self._trainable_keys()
         saved = set(checkpoint["state_dict"])
         if saved != trainable:
             raise ConfigError(

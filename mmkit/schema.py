@@ -83,6 +83,9 @@ class MmkitConfig:
     resume: Optional[str] = None
     peak_tflops: Optional[float] = None
     log_sample_keys: bool = False
+    # python -m mmkit.plan's own groups (conf/plan.yaml); training ignores them.
+    hardware: Any = None
+    plan: Any = None
 
 
 def register() -> None:

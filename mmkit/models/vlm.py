@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from mmkit.errors import DataError
 from mmkit.models.connectors.base import Connector
@@ -53,11 +54,12 @@ class VisionLanguageModel(nn.Module):
         """
         inputs_embeds = self.decoder.embed_tokens(input_ids)
         image_positions = input_ids == self.image_token_id
-        num_positions = int(image_positions.sum())
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)
         num_images = 0 if image_embeds is None else image_embeds.shape[0]
-        if num_positions != num_images * self.num_image_tokens:
+        # Fake tensors (mmkit.planning traces a step's memory on them) have shapes but no values to count.
+        num_positions = None if isinstance(input_ids, FakeTensor) else int(image_positions.sum())
+        if num_positions is not None and num_positions != num_images * self.num_image_tokens:
             raise DataError(
                 f"the batch has {num_positions} image-token positions but {num_images} images x "
                 f"{self.num_image_tokens} tokens each; the data was tokenized for another encoder/connector"

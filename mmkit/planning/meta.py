@@ -5,7 +5,6 @@ model folder from its own ``config.json``."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from omegaconf import DictConfig
 from mmkit.config import CONF_DIR
 from mmkit.errors import ConfigError
 from mmkit.models.build import as_dict
+from mmkit.models.vlm import VisionLanguageModel
 from mmkit.registry import CONNECTORS
 
 HF_CONFIG_DIR = CONF_DIR / "hf_config"
@@ -34,41 +34,34 @@ def hf_config(path: str, key: str) -> dict[str, Any]:
     return yaml.safe_load(shipped.read_text())
 
 
-@dataclass
-class MetaModel:
-    """Parameter counts of the encoder, connector and decoder, and the shapes the plan needs."""
+def shapes_only_model(cfg: DictConfig, encoder_overrides: dict[str, Any] | None = None,
+                      decoder_overrides: dict[str, Any] | None = None) -> VisionLanguageModel:
+    """mmkit's model for ``cfg`` (a CLIP tower, the connector, a causal LM) with every parameter's
+    shape and fresh weights, on the current default device: ``torch.device("meta")`` to count, a
+    fake-tensor mode to trace a training step, a GPU to measure one. The overrides change the HF
+    configs (``num_hidden_layers``: a reduced-depth model)."""
+    from transformers import AutoConfig, CLIPVisionConfig
 
-    encoder: torch.nn.Module
-    connector: torch.nn.Module
-    decoder: torch.nn.Module
-    encoder_config: Any
-    decoder_config: Any
-    image_tokens: int
-
-    def parameters(self, part: str) -> int:
-        return sum(p.numel() for p in getattr(self, part).parameters())
-
-    @property
-    def total(self) -> int:
-        return sum(self.parameters(part) for part in ("encoder", "connector", "decoder"))
-
-
-def meta_model(cfg: DictConfig) -> MetaModel:
-    """The configured encoder (a CLIP tower), connector and decoder (a causal LM), shapes only."""
-    from transformers import AutoConfig, AutoModelForCausalLM, CLIPVisionConfig, CLIPVisionModel
+    from mmkit.models.decoders.hf_causal_lm import HFCausalLM
+    from mmkit.models.encoders.hf_clip import HFCLIPEncoder
 
     if cfg.encoder.name != "hf_clip" or cfg.decoder.name != "hf_causal_lm":
         raise ConfigError(f"plan: encoder={cfg.encoder.name} / decoder={cfg.decoder.name}: planning knows "
                           "hf_clip encoders and hf_causal_lm decoders")
-    encoder_config = CLIPVisionConfig(**{k: v for k, v in hf_config(cfg.encoder.path, "encoder.path").items()
-                                         if k != "model_type"})
-    decoder_dict = dict(hf_config(cfg.decoder.path, "decoder.path"))
+    encoder_dict = {**hf_config(cfg.encoder.path, "encoder.path"), **(encoder_overrides or {})}
+    encoder_config = CLIPVisionConfig(**{k: v for k, v in encoder_dict.items() if k != "model_type"})
+    decoder_dict = {**hf_config(cfg.decoder.path, "decoder.path"), **(decoder_overrides or {})}
     decoder_config = AutoConfig.for_model(decoder_dict.pop("model_type"), **decoder_dict)
-    with torch.device("meta"):
-        encoder = CLIPVisionModel(encoder_config)
-        decoder = AutoModelForCausalLM.from_config(decoder_config)
-        connector = CONNECTORS.build(as_dict(cfg.connector), "connector", in_dim=encoder_config.hidden_size,
-                                     out_dim=decoder_config.hidden_size)
-    patches = (encoder_config.image_size // encoder_config.patch_size) ** 2
-    image_tokens = patches + (1 if cfg.encoder.get("select", "patch") == "cls_patch" else 0)
-    return MetaModel(encoder, connector, decoder, encoder_config, decoder_config, image_tokens)
+    encoder = HFCLIPEncoder.from_config(encoder_config, layer=cfg.encoder.layer, select=cfg.encoder.select,
+                                        frozen=cfg.encoder.frozen)
+    decoder = HFCausalLM.from_config(decoder_config, attn_implementation=cfg.decoder.attn_implementation,
+                                     gradient_checkpointing=cfg.decoder.gradient_checkpointing,
+                                     lora=as_dict(cfg.decoder.lora) if cfg.decoder.get("lora") else None)
+    connector = CONNECTORS.build(as_dict(cfg.connector), "connector", in_dim=encoder.hidden_size,
+                                 out_dim=decoder.hidden_size)
+    return VisionLanguageModel(encoder, connector, decoder)
+
+
+def parameter_count(module: torch.nn.Module, trainable: bool | None = None) -> int:
+    """Parameters of ``module``; only those that train (or only those that do not) if asked."""
+    return sum(p.numel() for p in module.parameters() if trainable is None or p.requires_grad == trainable)

@@ -1,10 +1,11 @@
 """Any transformers causal LM (``AutoModelForCausalLM``) with its tokenizer; optional LoRA."""
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from mmkit.errors import ConfigError
 from mmkit.models.decoders import packed_attention  # noqa: F401  registers attn_implementation=packed_sdpa
@@ -52,11 +53,30 @@ class HFCausalLM(LanguageDecoder):
             kwargs["dtype"] = getattr(torch, dtype)
         if attn_implementation:
             kwargs["attn_implementation"] = attn_implementation
-        self.model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
-        if len(self.tokenizer) > self.model.get_input_embeddings().num_embeddings:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
             # <image> positions are always overwritten by image features, so its init is irrelevant.
-            self.model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._attach(model, gradient_checkpointing, lora)
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig, attn_implementation: str | None = "sdpa",
+                    gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None) -> "HFCausalLM":
+        """The LM of ``config``'s shapes with fresh weights, on the current default device (the meta
+        device or a fake-tensor mode for planning a run). There is no tokenizer: the vocabulary gets
+        the one row training's tokenizer adds for ``<image>``, which is its last id."""
+        decoder = cls.__new__(cls)
+        LanguageDecoder.__init__(decoder)
+        config = copy.deepcopy(config)
+        config.vocab_size += 1
+        decoder.tokenizer = _ImageTokenOnly(config.vocab_size - 1)
+        options = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        decoder._attach(AutoModelForCausalLM.from_config(config, **options), gradient_checkpointing, lora)
+        return decoder
+
+    def _attach(self, model: PreTrainedModel, gradient_checkpointing: bool, lora: dict[str, Any] | None) -> None:
+        self.model = model
         if gradient_checkpointing:
             # Reentrant checkpointing drops gradients when the inputs do not require grad
             # (frozen embeddings in stage 1 and under LoRA); the non-reentrant kind does not.
@@ -82,3 +102,16 @@ class HFCausalLM(LanguageDecoder):
 
     def lora_parameter_names(self) -> set[str]:
         return {f"model.{name}" for name, _ in self.model.named_parameters() if "lora_" in name}
+
+
+class _ImageTokenOnly:
+    """Where only a model's shapes exist (planning), the one thing the forward pass asks of the
+    tokenizer: the id of ``<image>``."""
+
+    def __init__(self, image_token_id: int) -> None:
+        self.image_token_id = image_token_id
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        if token != IMAGE_TOKEN:
+            raise KeyError(f"a shapes-only decoder has no tokenizer: {token!r} is unknown")
+        return self.image_token_id

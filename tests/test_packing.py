@@ -153,24 +153,31 @@ def test_uint8_images_are_normalised_by_the_model_as_by_the_processor(gqa_lm):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash-attention kernel runs on CUDA only")
-def test_packed_sdpa_on_cuda_takes_the_varlen_kernel_with_the_same_results(gqa_lm, monkeypatch):
+@pytest.mark.parametrize("precision", ["bf16-true", "bf16-mixed"])
+def test_packed_sdpa_on_cuda_takes_the_varlen_kernel_with_the_same_results(gqa_lm, monkeypatch, precision):
     """bf16 on a GPU: one varlen call per layer gives the loss and gradients of one SDPA call per
-    sample (bf16 tolerances: the kernels sum in different orders)."""
+    sample (bf16 tolerances: the kernels sum in different orders). Under bf16-mixed the queries
+    arrive in fp32 (the rotary embedding promotes them), and must still take the varlen kernel."""
     from mmkit.models.decoders import packed_attention
 
     if packed_attention.varlen_attn is None:
         pytest.skip("this PyTorch has no torch.nn.attention.varlen")
-    model = build(gqa_lm, "packed_sdpa").cuda().to(torch.bfloat16)
+    model = build(gqa_lm, "packed_sdpa").cuda()
+    if precision == "bf16-true":
+        model = model.to(torch.bfloat16)
     batch = Collator(model.tokenizer.pad_token_id, "pack", 96)(samples(model))
     batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
     calls = []
     real_varlen = packed_attention.varlen_attn
     monkeypatch.setattr(packed_attention, "varlen_attn", lambda *a, **k: calls.append(1) or real_varlen(*a, **k))
-    varlen_loss, varlen_grads = loss_and_grads(model, batch)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    with autocast:
+        varlen_loss, varlen_grads = loss_and_grads(model, batch)
     assert len(calls) == model.decoder.model.config.num_hidden_layers
     monkeypatch.setattr(packed_attention, "varlen_attn", None)
-    per_sample_loss, per_sample_grads = loss_and_grads(model, batch)
+    with autocast:
+        per_sample_loss, per_sample_grads = loss_and_grads(model, batch)
     assert varlen_loss == pytest.approx(per_sample_loss, rel=2e-2)
     for name, grad in per_sample_grads.items():
         difference = (varlen_grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)

@@ -249,3 +249,28 @@ def test_adamw_is_fused_only_where_every_trained_weight_is_on_a_gpu_unless_the_c
     assert build_adamw(weights, {"lr": 1e-3, "fused": True}).defaults["fused"] is True  # PyTorch's CPU kernel
     if torch.cuda.is_available():
         assert build_adamw([torch.nn.Parameter(torch.ones(3, device="cuda"))], {"lr": 1e-3}).defaults["fused"] is True
+
+
+def test_bf16_mixed_with_a_fused_adamw_clips_and_trains(tmp_path):
+    # The GPU default (trainer=gpu: bf16-mixed, gradient_clip_val 1.0, a fused AdamW) reproduced on
+    # CPU: Lightning's mixed-precision plugin refused to clip for a fused optimizer, so every GPU run
+    # stopped at its first step until LitVLM clipped bf16 gradients itself.
+    cfg = compose(TINY_RUN + ["trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1e-6",
+                              "recipe.stages.finetune.optimizer.fused=true", "recipe.stages.finetune.max_steps=2",
+                              "recipe.stages.finetune.optimizer.lr=1.0"])
+    model = build_model(cfg)
+    before = snapshot(model)
+    summary, _ = run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    assert summary["steps"] == 2
+    # lr 1 and gradients clipped to a norm of 1e-6: AdamW's update is scale-free, so the weights
+    # move by about lr per step however small the gradient; what clipping must not do is stop them.
+    assert changed(before, model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP with NCCL needs a CUDA device")
+def test_fsdp_clips_gradients_by_norm_through_the_root_module(tmp_path):
+    cfg = compose(TINY_RUN + ["trainer=fsdp", "trainer.devices=1",
+                              "recipe.stages.finetune.max_steps=2"])
+    model = build_model(cfg)
+    summary, _ = run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    assert summary["steps"] == 2 and summary["final_loss"] is not None

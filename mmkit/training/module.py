@@ -126,6 +126,31 @@ class LitVLM(L.LightningModule):
                 "reason is in the stage's skipped.jsonl"
             )
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning clips through its precision plugin, which refuses two of mmkit's setups: FSDP
+        (the norm of sharded gradients needs the root FSDP module's ``clip_grad_norm_``, which adds
+        up every rank's shards) and a fused AdamW under bf16-mixed (the refusal is meant for fp16's
+        gradient scaler, which bf16 does not use: its gradients are already at their true scale)."""
+        if not gradient_clip_val:
+            return
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        by_norm = (gradient_clip_algorithm or "norm") == "norm"
+        if isinstance(self.trainer.strategy, FSDPStrategy) and by_norm:
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif self._gradient_scaler() is None:
+            parameters = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            if by_norm:
+                torch.nn.utils.clip_grad_norm_(parameters, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(parameters, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _gradient_scaler(self) -> Any:
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def _trainable_keys(self) -> set[str]:
         """This stage's trained weights, as Lightning's state dict names them: what a checkpoint holds."""
         return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
@@ -176,7 +201,12 @@ class LitVLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
-        optimizer = build_adamw(parameters, self.optimizer_cfg)
+        optimizer_cfg = dict(self.optimizer_cfg)
+        if optimizer_cfg.get("fused") is None and self._gradient_scaler() is not None:
+            # fp16's gradient scaler with a fused AdamW unscales inside the step, after Lightning
+            # would have clipped the still-scaled gradients; Lightning refuses it, so: foreach.
+            optimizer_cfg["fused"] = False
+        optimizer = build_adamw(parameters, optimizer_cfg)
         total_steps = self.total_steps
         warmup_steps = max(1, math.ceil(float(self.schedule_cfg.get("warmup_ratio", 0.03)) * total_steps))
         min_ratio = float(self.schedule_cfg.get("min_lr_ratio", 0.0))

@@ -74,6 +74,13 @@ def packed_sdpa_attention(
         lengths = sample_lengths(position_ids.expand(query.shape[0], -1))
     batch, heads, length, _ = query.shape
     offsets = kwargs.get("cu_seq_lens_q")
+    if query.is_cuda and torch.is_autocast_enabled("cuda"):
+        # SDPA under autocast computes in the autocast dtype whatever its inputs are. Casting here
+        # lets fp32 queries (bf16-mixed: Llama's rotary embedding promotes them to the fp32
+        # residual stream's dtype) take the varlen kernel instead of a cuDNN call per sample,
+        # which made a 7B-shaped bf16-mixed step 2.8x slower on new lengths (bench/RESULTS.md).
+        dtype = torch.get_autocast_dtype("cuda")
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if dropout == 0.0 and _varlen_applies(query, key, offsets, scaling):
         return _varlen_attention(query, key, value, offsets, max(lengths), scaling), None
 

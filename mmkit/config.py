@@ -86,5 +86,5 @@ def check_composition(config_name: str, overrides: list[str]) -> None:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             compose(config_name=config_name, overrides=kept)
-    except (HydraException, OmegaConfBaseException) as error:
+    except (HydraException, OmegaConfBaseException, ValueError) as error:  # ValueError: e.g. GROUP=null
         raise ConfigError(_one_line(error)) from None

@@ -65,6 +65,7 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
             "memory_gib": memory.as_dict(),
             "fits": memory.peak / GiB <= budget,
             "memory_budget_gib": round(budget, 2),
+            "largest_micro_batch": _largest_micro_batch(memory, spec.micro_batch, budget),
         }
         counted = stage_samples(cfg, stage, stage_key)
         if counted is not None:
@@ -81,6 +82,14 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
+def _largest_micro_batch(memory: Any, micro_batch: int, budget_gib: float) -> int:
+    """The micro-batch that would fill the budget, taking the activations as linear in it (an
+    estimate: the fixed part of the step's temporaries is counted per sample too, so it errs low)."""
+    fixed = memory.peak - memory.activations
+    per_sample = memory.activations / micro_batch
+    return max(0, int((budget_gib * GiB - fixed) // per_sample)) if per_sample else micro_batch
+
+
 def format_table(result: dict[str, Any]) -> str:
     hardware, strategy, parameters = result["hardware"], result["strategy"], result["parameters"]
     offload = " + CPU offload" if strategy["cpu_offload"] else ""
@@ -92,7 +101,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"TFLOP/s bf16), {strategy['kind']}{offload}, {strategy['precision']}",
         "",
         f"{'stage':<10}{'trainable':>10}{'batch x len':>13}{'ckpt':>6}{'weights':>9}{'grads':>8}{'optim':>8}"
-        f"{'activ':>8}{'peak GiB':>10}{'fits':>6}{'samples':>9}{'TFLOP/smp':>10}{'MFU':>7}{'hours':>8}",
+        f"{'activ':>8}{'peak GiB':>10}{'fits':>6}{'max batch':>10}{'samples':>9}{'TFLOP/smp':>10}{'MFU':>7}{'hours':>8}",
     ]
     for name, row in result["stages"].items():
         memory, timing = row["memory_gib"], row.get("time")
@@ -100,15 +109,18 @@ def format_table(result: dict[str, Any]) -> str:
             f"{name:<10}{_count(row['trainable']):>10}{row['micro_batch']:>6} x {row['sequence_length']:<5}"
             f"{'yes' if row['activation_checkpointing'] else 'no':>5}{memory['weights']:>9.2f}{memory['gradients']:>8.2f}"
             f"{memory['optimizer']:>8.2f}{memory['activations']:>8.2f}{memory['peak']:>10.2f}"
-            f"{'yes' if row['fits'] else 'NO':>6}"
+            f"{'yes' if row['fits'] else 'NO':>6}{row['largest_micro_batch']:>10}"
             + (f"{timing['samples']:>9}{timing['tflop_per_sample']:>10.2f}{timing['mfu']:>7.1%}{timing['hours']:>8.2f}"
                if timing else f"{'(data.size.' + name + ' not set)':>34}")
         )
         if memory["host_per_rank"]:
             lines.append(f"{'':<10}CPU offload: {memory['host_per_rank']:.2f} GiB of host memory per GPU")
     budget = next(iter(result["stages"].values()))["memory_budget_gib"] if result["stages"] else 0
-    lines += ["", f"fits: the peak is at most {budget} GiB, the card less plan.headroom; the peak is the worst case, "
-                  "every row of the micro-batch at its full length"]
+    lines += ["", f"fits: the peak is at most {budget} GiB, the card less plan.headroom. The peak is the worst case: "
+                  "every row of the micro-batch at its full length.",
+              "max batch: the largest micro-batch of such rows that fits (activations taken as linear in it).",
+              "activ: activations and the step's temporaries at the peak; hours: samples x FLOPs per sample / "
+              "(GPUs x peak x MFU)."]
     return "\n".join(lines)
 
 

@@ -267,10 +267,22 @@ def test_bf16_mixed_with_a_fused_adamw_clips_and_trains(tmp_path):
     assert changed(before, model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP with NCCL needs a CUDA device")
-def test_fsdp_clips_gradients_by_norm_through_the_root_module(tmp_path):
-    cfg = compose(TINY_RUN + ["trainer=fsdp", "trainer.devices=1",
-                              "recipe.stages.finetune.max_steps=2"])
-    model = build_model(cfg)
-    summary, _ = run_stage(cfg, "finetune", model, tmp_path, previous=None)
-    assert summary["steps"] == 2 and summary["final_loss"] is not None
+def test_under_fsdp_gradients_are_clipped_by_the_root_fsdp_module(tiny_model):
+    # Lightning's FSDP precision plugin refuses to clip by norm (torch's clip_grad_norm_ would see
+    # one rank's shards only), which stopped trainer=fsdp runs at their first step. FSDP's root
+    # module clips over all shards. (A one-GPU FSDP run cannot show it: FSDP turns into NO_SHARD
+    # at world size 1, and torch 2.11's NO_SHARD with bf16 parameters fails before the clipping.)
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from mmkit.training.module import LitVLM
+
+    clipped = []
+    strategy = FSDPStrategy()
+    strategy._model = SimpleNamespace(clip_grad_norm_=clipped.append)
+    module = LitVLM(tiny_model, {"lr": 1e-3}, {"warmup_ratio": 0.0})
+    module._trainer = SimpleNamespace(strategy=strategy, precision_plugin=SimpleNamespace())
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
+    assert clipped == [1.0]

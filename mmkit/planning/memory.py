@@ -87,7 +87,10 @@ def strategy_of(trainer: DictConfig, hardware_gpus_per_node: int) -> Strategy:
         devices = hardware_gpus_per_node
     if not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"trainer.devices={devices!r}: plan needs a number of devices per node")
-    world_size = devices * int(trainer.get("num_nodes", 1))
+    nodes = trainer.get("num_nodes", 1)
+    if not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r}: plan needs a positive number of nodes")
+    world_size = devices * nodes
     strategy = trainer.get("strategy", "auto")
     if isinstance(strategy, str):
         if strategy.startswith("fsdp"):

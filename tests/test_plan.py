@@ -111,7 +111,8 @@ def test_the_time_model_gives_back_a_known_run(tmp_path):
     assert plan["parameters"]["total"] == pytest.approx(7.06e9, rel=0.005)
     assert plan["strategy"] == {"kind": "fsdp", "gpus": 8, "cpu_offload": False, "precision": "bf16-mixed"}
     finetune = plan["stages"]["finetune"]
-    assert finetune["fits"] is (finetune["memory_gib"]["peak"] <= 80 * 0.9)
+    assert finetune["memory_budget_gib"] == pytest.approx(80 * (1 - 0.15))
+    assert finetune["fits"] is (finetune["memory_gib"]["peak"] <= finetune["memory_budget_gib"])
     assert "finetune" in result.stdout and "peak GiB" in result.stdout
 
 

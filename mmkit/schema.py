@@ -68,6 +68,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class SampleAnswersConfig:
+    every_n_steps: int = 50
+    count: int = 6
+    task: Optional[str] = None
+    max_new_tokens: int = 24
+
+
+@dataclass
 class MmkitConfig:
     encoder: Any = None
     connector: Any = None
@@ -76,6 +84,7 @@ class MmkitConfig:
     data: Any = None
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     trainer: Any = None
+    logger: Any = None
     evaluation: Any = None
     seed: int = 0
     guards: GuardsConfig = field(default_factory=GuardsConfig)
@@ -83,6 +92,7 @@ class MmkitConfig:
     resume: Optional[str] = None
     peak_tflops: Optional[float] = None
     log_sample_keys: bool = False
+    sample_answers: SampleAnswersConfig = field(default_factory=SampleAnswersConfig)
     # python -m mmkit.plan's own groups (conf/plan.yaml); training ignores them.
     hardware: Any = None
     plan: Any = None
@@ -101,6 +111,9 @@ _RANGES = [
     ("checkpoint.every_n_steps", lambda v: v >= 0, ">= 0 (0: no checkpoints)"),
     ("checkpoint.keep_last", lambda v: v >= 1, ">= 1"),
     ("peak_tflops", lambda v: v is None or 0 < v < math.inf, "positive, or null"),
+    ("sample_answers.every_n_steps", lambda v: v >= 0, ">= 0 (0: at the end of each stage only)"),
+    ("sample_answers.count", lambda v: v >= 0, ">= 0 (0: none)"),
+    ("sample_answers.max_new_tokens", lambda v: v >= 1, ">= 1"),
     ("data.max_length", lambda v: isinstance(v, int) and v > 0, "a positive token count"),
     ("data.num_workers", lambda v: isinstance(v, int) and v >= 0, "a non-negative integer"),
     ("data.shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "a non-negative integer (0: no shuffling)"),

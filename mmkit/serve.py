@@ -4,7 +4,8 @@
 
 ``POST /v1/chat/completions`` (images as base64 ``data:`` URLs in ``image_url`` parts; http(s)
 URLs only with ``limits.allow_remote_images=true``; ``stream: true`` for server-sent events),
-``GET /v1/models``, ``GET /health``. Concurrent requests are generated in batches.
+``GET /v1/models``, ``GET /health``; a chat page at ``GET /`` (``web_page=false`` turns it off).
+Concurrent requests are generated in batches.
 """
 from __future__ import annotations
 
@@ -40,11 +41,12 @@ def serve(cfg: DictConfig) -> None:
     name = cfg.served_model_name or Path(cfg.model).resolve().name
     try:
         server = ChatServer((cfg.host, int(cfg.port)), Batcher(generator, int(cfg.batch_size), float(cfg.batch_wait_ms)),
-                            limits, default_sampling, name)
+                            limits, default_sampling, name, web_page=bool(cfg.web_page))
     except OSError as exc:
         raise ConfigError(f"port={cfg.port}: cannot listen on {cfg.host}:{cfg.port} ({exc.strerror})") from None
     host, port = server.server_address[:2]
-    print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health)",
+    page = f"; the chat page: http://{host}:{port}/" if cfg.web_page else ""
+    print(f"serving {name} on http://{host}:{port}/v1 (POST /v1/chat/completions, GET /v1/models, GET /health){page}",
           flush=True)
     try:
         server.serve_forever()

@@ -188,3 +188,36 @@ def test_remote_images_are_fetched_only_when_enabled(tmp_path):
             load_image_url(url, Limits(**{**limits, "max_image_bytes": 10}, allow_remote_images=True))
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("web_page", [True, False])
+def test_the_chat_page_is_served_offline_or_turned_off(web_page):
+    import re
+
+    from mmkit.serving.app import ChatServer
+
+    server = ChatServer(("127.0.0.1", 0), batcher=None, limits=Limits(**_limit_defaults()), default_sampling=Sampling(8),
+                        served_model="m", web_page=web_page)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        body = response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    if not web_page:
+        assert response.status == 404 and "no route GET /" in body
+        return
+    assert response.status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert 'fetch("/v1/chat/completions"' in body and "stream: true" in body
+    # Nothing is loaded from elsewhere: no src/href to another host, no CDN.
+    assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", body) and "@import" not in body
+
+
+def _limit_defaults() -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "serve.yaml").limits)

@@ -40,6 +40,9 @@ class Evaluator:
     #: False for an evaluator that makes its own candidates (``judge_validity``): it runs without a
     #: model or an answer file, and takes their answers as extra candidates when given.
     needs_answers: bool = True
+    #: False where scoring asks a judge model (an API call): sample answers during training then
+    #: show the answers and references without a score.
+    scored_offline: bool = True
 
     def record_teachers(self, teachers: Sequence[Mapping[str, Any]]) -> None:
         """Who wrote the evaluated model's training data; judged evaluators flag a judge among them."""
@@ -50,6 +53,10 @@ class Evaluator:
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         """Metrics from ``answers`` (question_id -> text); an item with no answer counts as wrong."""
         raise NotImplementedError
+
+    def reference_text(self, item: EvalItem) -> str:
+        """The item's reference answer as a reader would want to see it beside a model's answer."""
+        return str(item.reference)
 
     def answer_key(self, item: EvalItem, text: str) -> str | None:
         """What an answer says, for comparing two sources (ensembles); None if it says nothing valid."""

@@ -84,6 +84,9 @@ class SyntheticEvaluator(Evaluator):
             for q in self.questions()
         ]
 
+    def reference_text(self, item: EvalItem) -> str:
+        return str(item.reference.answer)
+
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         blind = self.blind_answers()
         # One process scores every answer: no cross-rank sync, even inside a DDP run.

@@ -1,5 +1,5 @@
 """The OpenAI-compatible HTTP API: ``POST /v1/chat/completions`` (plain or server-sent events),
-``GET /v1/models``, ``GET /health``. Each request is handled in its own thread and waits for the
+``GET /v1/models``, ``GET /health``, and the chat page at ``GET /`` (``web/index.html``). Each request is handled in its own thread and waits for the
 shared :class:`~mmkit.serving.batcher.Batcher`; a bad request gets a 4xx JSON error and changes
 nothing for the others."""
 from __future__ import annotations
@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from importlib import resources
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -22,13 +23,14 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], batcher: Batcher, limits: Limits, default_sampling: Sampling,
-                 served_model: str) -> None:
+                 served_model: str, web_page: bool = True) -> None:
         super().__init__(address, _Handler)
         self.batcher = batcher
         self.limits = limits
         self.default_sampling = default_sampling
         self.served_model = served_model
         self.started = int(time.time())
+        self.web_page = resources.files("mmkit.serving").joinpath("web/index.html").read_bytes() if web_page else None
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,7 +41,9 @@ class _Handler(BaseHTTPRequestHandler):
         logger.info("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
-        if self.path == "/health":
+        if self.path in ("/", "/index.html") and self.server.web_page is not None:
+            self._send(200, "text/html; charset=utf-8", self.server.web_page)
+        elif self.path == "/health":
             batcher = self.server.batcher
             self._json(200, {"status": "ok", "model": self.server.served_model, "batches": batcher.batches,
                              "requests_answered": batcher.requests_answered, "largest_batch": batcher.largest_batch})
@@ -134,9 +138,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _json(self, status: int, body: dict) -> None:
-        data = json.dumps(body).encode()
+        self._send(status, "application/json", json.dumps(body).encode())
+
+    def _send(self, status: int, content_type: str, data: bytes) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

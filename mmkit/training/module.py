@@ -149,7 +149,8 @@ class LitVLM(L.LightningModule):
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def _gradient_scaler(self) -> Any:
-        return getattr(self.trainer.precision_plugin, "scaler", None)
+        trainer = self._trainer  # None when the module is used outside a Trainer
+        return getattr(trainer.precision_plugin, "scaler", None) if trainer is not None else None
 
     def _trainable_keys(self) -> set[str]:
         """This stage's trained weights, as Lightning's state dict names them: what a checkpoint holds."""

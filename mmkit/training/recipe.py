@@ -21,14 +21,16 @@ from mmkit.distributed import gather_objects
 from mmkit.errors import ConfigError
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import DATASETS, TEMPLATES
+from mmkit.evaluation.run import build_generator
+from mmkit.registry import DATASETS, EVALUATORS, TEMPLATES
 from mmkit.schema import check_ranges
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint, write_atomically
 from mmkit.training.stages import configure_trainable, count_parameters
 from mmkit.training.throughput import FlopModel, ThroughputMonitor
-from mmkit.training.trainer import build_trainer
+from mmkit.training.sample_answers import SampleAnswers
+from mmkit.training.trainer import build_trainer, finish_loggers
 
 PREVIOUS = "previous"
 
@@ -131,6 +133,23 @@ def _write_skipped(path: Path, skipped: list[tuple[str, str]]) -> None:
         handle.writelines(json.dumps({"key": key, "reason": reason}) + "\n" for key, reason in skipped)
 
 
+def _sample_answers(cfg: DictConfig, stage_name: str, run_dir: Path) -> SampleAnswers | None:
+    """The stage's sample-answers callback: the first ``sample_answers.count`` items of an
+    evaluation task; None when the count is 0 or no task is configured."""
+    options = cfg.get("sample_answers")
+    tasks = cfg.evaluation.get("tasks") or {}
+    if not options or not options.count or not tasks:
+        return None
+    task = options.task or next(iter(tasks))
+    if task not in tasks:
+        raise ConfigError(f"sample_answers.task={task}: not one of evaluation.tasks ({', '.join(tasks)})")
+    evaluator = EVALUATORS.build(as_dict(tasks[task]), f"evaluation.tasks.{task}")
+    items = evaluator.items()[: int(options.count)]
+    max_new_tokens = int(options.max_new_tokens)
+    return SampleAnswers(evaluator, items, lambda model: build_generator(cfg, model, len(items), max_new_tokens),
+                         run_dir, stage_name, int(options.every_n_steps))
+
+
 def run_stage(
     cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None, resume: bool = False
 ) -> tuple[dict[str, Any], Path]:
@@ -152,10 +171,12 @@ def run_stage(
 
     datamodule = _stage_data(cfg, stage, key, model)
     throughput = ThroughputMonitor(FlopModel.of(model), cfg.peak_tflops)
+    sample_answers = _sample_answers(cfg, name, run_dir)
     checkpointing = checkpoint_callback(stage_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
     trainer = build_trainer(
-        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps, callbacks=[throughput],
-        checkpointing=checkpointing,
+        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps,
+        callbacks=[throughput, *([sample_answers] if sample_answers else [])], checkpointing=checkpointing,
+        logger_cfg=as_dict(cfg.logger) if cfg.get("logger") else None,
     )
     # The world size is known only once the Trainer has resolved its devices.
     trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
@@ -174,11 +195,13 @@ def run_stage(
                 print(f"resume: stage {name} continues from {resume_from}", flush=True)
             trainer.fit(lit, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
     except BaseException:
+        finish_loggers(trainer)
         # A stage that stops early still leaves its skipped samples: the first thing to look at.
         rank = trainer.global_rank
         _write_skipped(stage_dir / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), lit.skipped)
         raise
     wall_time = time.perf_counter() - started
+    finish_loggers(trainer)
 
     samples, skipped = _gather_counts(lit.samples_seen, lit.skipped)
     # The strategy assembles a full state dict even when FSDP shards the parameters.

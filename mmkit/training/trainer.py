@@ -6,7 +6,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
 from mmkit.errors import ConfigError
@@ -42,6 +42,43 @@ def build_strategy(strategy: Any, model: nn.Module) -> Any:
     )
 
 
+def build_loggers(logger_cfg: dict[str, Any] | None, stage_dir: Path) -> list[Logger]:
+    """``metrics.csv`` in the stage's folder always, and the ``logger`` group's choice beside it:
+    TensorBoard event files in the stage's folder, or a W&B run in ``<run>/wandb`` named after the
+    run folder and the stage (grouped by the run folder)."""
+    loggers: list[Logger] = [CSVLogger(str(stage_dir), name="", version="")]
+    options = dict(logger_cfg or {"name": "csv"})
+    name = options.pop("name", "csv")
+    if name == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(str(stage_dir), name="", version="", default_hp_metric=False))
+    elif name == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("logger=wandb needs the wandb package: pip install wandb") from None
+        from lightning.pytorch.loggers import WandbLogger
+
+        run_dir = stage_dir.parent
+        loggers.append(WandbLogger(save_dir=str(run_dir), name=f"{run_dir.name}/{stage_dir.name}", group=run_dir.name,
+                                   project=options.get("project") or "mmkit", entity=options.get("entity"),
+                                   offline=bool(options.get("offline", True))))
+    elif name != "csv":
+        raise ConfigError(f"logger.name={name!r}: choose csv, tensorboard or wandb")
+    return loggers
+
+
+def finish_loggers(trainer: L.Trainer) -> None:
+    """End the stage's W&B run, so the next stage starts its own (its steps start again at 0)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
 def build_trainer(
     trainer_cfg: dict[str, Any],
     model: nn.Module,
@@ -50,6 +87,7 @@ def build_trainer(
     max_steps: int,
     callbacks: list[L.Callback] | None = None,
     checkpointing: ModelCheckpoint | None = None,
+    logger_cfg: dict[str, Any] | None = None,
 ) -> L.Trainer:
     """``checkpointing``: the resumable checkpoints of the stage (:mod:`mmkit.training.resume`);
     a finished stage's weights are written by the recipe either way."""
@@ -60,7 +98,7 @@ def build_trainer(
         max_epochs=max_epochs,
         max_steps=max_steps,
         default_root_dir=str(stage_dir),
-        logger=CSVLogger(str(stage_dir), name="", version=""),
+        logger=build_loggers(logger_cfg, stage_dir),
         enable_checkpointing=checkpointing is not None,
         plugins=[SafeCheckpointIO()],
         num_sanity_val_steps=0,

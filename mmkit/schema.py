@@ -70,7 +70,7 @@ class CheckpointConfig:
 @dataclass
 class SampleAnswersConfig:
     every_n_steps: int = 50
-    count: int = 6
+    count: int = 8
     task: Optional[str] = None
     max_new_tokens: int = 24
 

@@ -73,7 +73,7 @@ class SampleAnswers(L.Callback):
         path = self.run_dir / MARKDOWN
         lines = [] if path.exists() else ["# Sample answers", "",
                                           "Held-out questions answered during training, round by round.", ""]
-        score = ", ".join(f"{name} {value:.3g}" for name, value in list(metrics.items())[:3])
+        score = ", ".join(f"{name} {value:.3g}" for name, value in list(metrics.items())[:2])
         lines += [f"## {title}", "", f"Score on these {len(rows)} items: {score}", "",
                   "| image | question | answer | reference |", "|---|---|---|---|"]
         for index, (item, answer, reference) in enumerate(rows):

@@ -1,5 +1,8 @@
 # The two commands of the README: `make train` (the embedded default) and `make test`.
 # Both create .venv and install mmkit into it first, so they work on a fresh machine.
+# The tests run in two pytest-xdist workers (a file's tests stay on one worker, with its fixtures):
+# most of a test's time is process start-up and single-threaded Python, so two workers on two
+# cores took the suite from about 16 to 12 minutes.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,4 +20,4 @@ train: setup
 	$(BIN)/python -m mmkit.train $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(ARGS)

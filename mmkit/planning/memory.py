@@ -149,7 +149,7 @@ def predict_memory(build: Callable[[], VisionLanguageModel], stage: DictConfig, 
     # What it gathers: the root unit throughout, the running and the prefetched layer; and the
     # full gradients of the root and of one layer before they are reduce-scattered.
     gathered_weights = (trace.root_parameters + 2 * trace.largest_unit) * compute
-    gathered_gradients = (trace.root_trainable + trace.largest_unit) * compute
+    gathered_gradients = (trace.root_trainable + trace.largest_trainable_unit) * compute
     activations = trace.peak - trace.parameters * compute
     on_device = {key: 0 if strategy.cpu_offload else value for key, value in owned.items()}
     weights = gathered_weights + on_device["weights"]
@@ -176,6 +176,7 @@ class _Trace:
     root_parameters: int = 0  # outside every wrapped layer (FSDP's root unit)
     root_trainable: int = 0
     largest_unit: int = 0  # parameters of the largest wrapped layer
+    largest_trainable_unit: int = 0  # trainable parameters of the wrapped layer with the most
 
 
 def _trace(build: Callable[[], VisionLanguageModel], stage: DictConfig, stage_key: str, spec: StepSpec,
@@ -222,6 +223,8 @@ def _trace(build: Callable[[], VisionLanguageModel], stage: DictConfig, stage_ke
             root_parameters=sum(p.numel() for p in root),
             root_trainable=sum(p.numel() for p in root if p.requires_grad),
             largest_unit=max((sum(p.numel() for p in unit.parameters()) for unit in units), default=0),
+            largest_trainable_unit=max((sum(p.numel() for p in unit.parameters() if p.requires_grad) for unit in units),
+                                       default=0),
         )
 
 

@@ -286,3 +286,16 @@ def test_under_fsdp_gradients_are_clipped_by_the_root_fsdp_module(tiny_model):
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
     module.configure_gradient_clipping(optimizer, gradient_clip_val=1.0, gradient_clip_algorithm="norm")
     assert clipped == [1.0]
+
+
+def test_activation_checkpointing_keeps_stage1_gradients_flowing_to_the_connector(tmp_path):
+    # Stage 1 freezes the embeddings, so the checkpointed layers' inputs need no grad: reentrant
+    # checkpointing would drop the connector's gradients and stage 1 would train nothing.
+    cfg = compose(TINY_RUN + ["decoder.gradient_checkpointing=true", "recipe.stages.pretrain.max_steps=2",
+                              "sample_answers.count=0"])
+    model = build_model(cfg)
+    lm = model.decoder.model
+    assert lm.is_activation_checkpointing if hasattr(lm, "is_activation_checkpointing") else lm.is_gradient_checkpointing
+    before = snapshot(model)
+    run_stage(cfg, "pretrain", model, tmp_path, previous=None)
+    assert {name.split(".")[0] for name in changed(before, model)} == {"connector"}

@@ -54,7 +54,7 @@ from common import Shape, llava_instruct_lengths, make_samples, markdown_table  
 from mmkit.data.collate import Collator  # noqa: E402
 from mmkit.models.connectors import mlp  # noqa: E402, F401  registers mlp{N}x_gelu
 from mmkit.models.decoders.base import LanguageDecoder  # noqa: E402
-from mmkit.models.decoders.hf_causal_lm import HFCausalLM, prepare_tokenizer  # noqa: E402
+from mmkit.models.decoders.hf_causal_lm import HFCausalLM, enable_activation_checkpointing, prepare_tokenizer  # noqa: E402
 from mmkit.models.encoders.base import ImageStats, VisionEncoder  # noqa: E402
 from mmkit.models.encoders.hf_clip import HFCLIPEncoder  # noqa: E402
 from mmkit.models.vlm import VisionLanguageModel  # noqa: E402
@@ -127,7 +127,7 @@ class InPlaceLlama(HFCausalLM):
         self.model.set_attn_implementation(attention)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.lora_enabled = False
 
 

@@ -19,9 +19,9 @@ from mmkit.data.images import ImageProcessor
 from mmkit.data.samples import SampleEncoder
 from mmkit.distributed import gather_objects
 from mmkit.errors import ConfigError
+from mmkit.evaluation.run import build_generator
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.evaluation.run import build_generator
 from mmkit.registry import DATASETS, EVALUATORS, TEMPLATES
 from mmkit.schema import check_ranges
 from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights

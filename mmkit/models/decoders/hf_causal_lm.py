@@ -32,6 +32,17 @@ def prepare_tokenizer(path: str, model_max_length: int | None = None) -> PreTrai
     return tokenizer
 
 
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Checkpoint every decoder layer, non-reentrant: reentrant checkpointing drops gradients when
+    the inputs do not require grad (frozen embeddings in stage 1 and under LoRA). transformers 5.24
+    renamed the method (``activation_checkpointing_enable``); older versions have the first name."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+
+
 @DECODERS.register("hf_causal_lm")
 class HFCausalLM(LanguageDecoder):
     def __init__(
@@ -78,9 +89,7 @@ class HFCausalLM(LanguageDecoder):
     def _attach(self, model: PreTrainedModel, gradient_checkpointing: bool, lora: dict[str, Any] | None) -> None:
         self.model = model
         if gradient_checkpointing:
-            # Reentrant checkpointing drops gradients when the inputs do not require grad
-            # (frozen embeddings in stage 1 and under LoRA); the non-reentrant kind does not.
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(self.model)
         self.lora_enabled = bool(lora and lora.get("enabled"))
         if self.lora_enabled:
             self._apply_lora(lora)

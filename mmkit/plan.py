@@ -125,7 +125,9 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _count(number: int) -> str:
-    return f"{number / 1e9:.2f}B" if number >= 1e9 else f"{number / 1e6:.1f}M"
+    if number >= 1e9:
+        return f"{number / 1e9:.2f}B"
+    return f"{number / 1e6:.1f}M" if number >= 1e6 else f"{number / 1e3:.1f}K"
 
 
 main = hydra_command("plan", plan)

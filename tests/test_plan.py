@@ -33,6 +33,17 @@ def test_meta_models_have_the_published_sizes(overrides, encoder, decoder, total
     assert all(p.is_meta for p in model.decoder.parameters())  # no weights were made or read
 
 
+def test_a_zoo_model_is_planned_from_its_cached_folder_and_never_built(tmp_path, monkeypatch):
+    from mmkit.planning.meta import hf_config
+
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"encoder.path=zoo://tiny-clip: this zoo model is not built yet.*"
+                                          r"python -m mmkit.zoo build tiny-clip"):
+        hf_config("zoo://tiny-clip", "encoder.path")
+    with pytest.raises(ConfigError, match="zoo://nope: unknown zoo model"):
+        hf_config("zoo://nope", "encoder.path")
+
+
 def test_a_model_with_no_config_here_is_named():
     with pytest.raises(ConfigError, match=r"decoder.path=some/unknown-model: no config.json there and no shipped config"):
         shapes_only_model(compose(["experiment=llava_v1_5", "decoder.path=some/unknown-model"]))

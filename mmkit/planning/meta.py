@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mmkit.config import CONF_DIR
 from mmkit.errors import ConfigError
+from mmkit.models.hub import ZOO_SCHEME
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.registry import CONNECTORS
@@ -22,7 +23,18 @@ HF_CONFIG_DIR = CONF_DIR / "hf_config"
 
 
 def hf_config(path: str, key: str) -> dict[str, Any]:
-    """A model's HF config as a dict: a local folder's config.json, else the shipped copy."""
+    """A model's HF config as a dict: a local folder's config.json (a ``zoo://`` model's cached
+    folder), else the shipped copy."""
+    if path.startswith(ZOO_SCHEME):
+        from mmkit.zoo import model_folder, names
+
+        name = path.removeprefix(ZOO_SCHEME)
+        if name not in names():
+            raise ConfigError(f"{key}={path}: unknown zoo model; available: {', '.join(sorted(names()))}")
+        if not (model_folder(name) / "config.json").is_file():
+            raise ConfigError(f"{key}={path}: this zoo model is not built yet, and planning builds nothing; "
+                              f"build it first: python -m mmkit.zoo build {name}")
+        path = str(model_folder(name))
     local = Path(path).expanduser()
     if (local / "config.json").is_file():
         config = json.loads((local / "config.json").read_text())

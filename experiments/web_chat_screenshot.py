@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments" / "soak"))
+from serve_soak import start_server  # noqa: E402  launches python -m mmkit.serve on a free port
 
 
 def chromium_driver(width: int = 1280, height: int = 860) -> Any:
@@ -67,17 +68,6 @@ def ask(driver: Any, question: str, timeout: float = 120) -> str:
     if error.is_displayed():
         raise RuntimeError(f"the page shows an error: {error.text}")
     return driver.find_elements(By.CSS_SELECTOR, ".message.assistant .text")[-1].text
-
-
-def start_server(model: Path, *overrides: str) -> tuple[subprocess.Popen, int]:
-    """python -m mmkit.serve on a free port; (process, port)."""
-    process = subprocess.Popen([sys.executable, "-m", "mmkit.serve", f"model={model}", "port=0", *overrides],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = process.stdout.readline()
-    if "serving" not in line:
-        process.kill()
-        raise RuntimeError(f"the server did not start: {line}{process.stderr.read()[-3000:]}")
-    return process, int(line.split("http://127.0.0.1:")[1].split("/")[0])
 
 
 def main(argv: list[str] | None = None) -> int:

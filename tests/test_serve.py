@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ from PIL import Image
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "experiments" / "soak"))
-from serve_soak import data_url, huge_png_header, png  # noqa: E402  the soak's request builders
+from serve_soak import data_url, huge_png_header, png, start_server  # noqa: E402  the soak's request builders
 from mmkit.evaluation.generation import Prompt, Sampling
 from mmkit.evaluation.run import build_generator
 from mmkit.serving.requests import Limits, RequestError, load_image_url
@@ -28,16 +27,8 @@ LIMITS = ["limits.max_prompt_tokens=400", "limits.max_image_pixels=1000000", "li
 
 @pytest.fixture(scope="module")
 def server(lively_run):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mmkit.serve", f"model={lively_run}", "port=0", "served_model_name=lively",
-         "batch_size=8", "batch_wait_ms=50", "defaults_for_requests.max_tokens=12", *LIMITS],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    line = process.stdout.readline()
-    if "serving" not in line:
-        process.kill()
-        pytest.fail(f"the server did not start: {line}{process.stderr.read()[-3000:]}")
-    port = int(line.split("http://127.0.0.1:")[1].split("/")[0])
+    process, port = start_server(lively_run, "served_model_name=lively", "batch_size=8", "batch_wait_ms=50",
+                                 "defaults_for_requests.max_tokens=12", *LIMITS)
     yield port
     process.terminate()
     process.wait(timeout=30)

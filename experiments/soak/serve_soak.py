@@ -118,11 +118,14 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
-def start_server(model: str, extra: list[str]) -> tuple[subprocess.Popen, int]:
+SOAK_SETTINGS = ["served_model_name=soak", "batch_size=8", "batch_wait_ms=20", "defaults_for_requests.max_tokens=8",
+                 "limits.max_prompt_tokens=400", "limits.max_request_bytes=200000", "limits.max_tokens=64"]
+
+
+def start_server(model: str | Path, *overrides: str) -> tuple[subprocess.Popen, int]:
+    """``python -m mmkit.serve model=MODEL OVERRIDES`` on a free port of 127.0.0.1: (process, port)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "mmkit.serve", f"model={model}", "port=0", "served_model_name=soak", "batch_size=8",
-         "batch_wait_ms=20", "defaults_for_requests.max_tokens=8", "limits.max_prompt_tokens=400",
-         "limits.max_request_bytes=200000", "limits.max_tokens=64", *extra],
+        [sys.executable, "-m", "mmkit.serve", f"model={model}", "port=0", *overrides],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     line = process.stdout.readline()
@@ -138,7 +141,7 @@ def soak(model: str, requests: int, good_share: float, concurrency: int, seed: i
     images = [png(Image.new("RGB", (48, 48), colour)) for colour in colours]
     prompts = [(question, image) for question in QUESTIONS for image in range(len(images))]
     bad = bad_requests(rng)
-    process, port = start_server(model, [])
+    process, port = start_server(model, *SOAK_SETTINGS)
     samples: list[tuple[float, int]] = []
     stop = threading.Event()
 

@@ -99,6 +99,9 @@ class LlavaBenchEvaluator(Evaluator):
             items.append(EvalItem(qid, prompt, review))
         return items
 
+    def reference_text(self, item: EvalItem) -> str:
+        return item.reference.reference
+
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
         answered = [item for item in items if item.question_id in answers]
         reviews = [_with_candidate(item.reference, answers[item.question_id]) for item in answered]

@@ -199,7 +199,7 @@ def _trace(build: Callable[[], VisionLanguageModel], stage: DictConfig, stage_ke
                 parameter.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", None))
         batch = worst_case_batch(model, spec, stage_key)
         tracker = _PeakTracker()
-        tracker.track([*model.parameters(), *model.buffers(), *batch_tensors(batch)])
+        tracker.track([*model.parameters(), *model.buffers(), *_batch_tensors(batch)])
         with tracker:
             # Two steps: the second one runs with AdamW's states in place, as every later step does.
             for _ in range(2 if keep_gradients else 1):
@@ -261,7 +261,7 @@ class _PeakTracker(TorchDispatchMode):
         return outputs
 
 
-def batch_tensors(batch: dict[str, Any]) -> list[torch.Tensor]:
+def _batch_tensors(batch: dict[str, Any]) -> list[torch.Tensor]:
     return [value for value in batch.values() if isinstance(value, torch.Tensor)]
 
 

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: ``POST /v1/chat/completions`` (plain or server-sent events),
-``GET /v1/models``, ``GET /health``, and the chat page at ``GET /`` (``web/index.html``). Each request is handled in its own thread and waits for the
-shared :class:`~mmkit.serving.batcher.Batcher`; a bad request gets a 4xx JSON error and changes
-nothing for the others."""
+``GET /v1/models``, ``GET /health``, and the chat page at ``GET /`` (``web/index.html``).
+Each request is handled in its own thread and waits for the shared
+:class:`~mmkit.serving.batcher.Batcher`; a bad request gets a 4xx JSON error and changes nothing
+for the others."""
 from __future__ import annotations
 
 import json

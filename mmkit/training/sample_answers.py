@@ -56,8 +56,10 @@ class SampleAnswers(L.Callback):
             model.train(was_training)
         if not trainer.is_global_zero:
             return
-        by_id = {item.question_id: answer for item, answer in zip(self.items, answers)}
-        metrics = self.evaluator.score(self.items, by_id).metrics
+        metrics: dict[str, float] = {}
+        if self.evaluator.scored_offline:  # a judged task would call its judge model every round
+            by_id = {item.question_id: answer for item, answer in zip(self.items, answers)}
+            metrics = self.evaluator.score(self.items, by_id).metrics
         rows = [(item, answer, self.evaluator.reference_text(item)) for item, answer in zip(self.items, answers)]
         title = f"{self.stage}, step {trainer.global_step}" + (" (end of stage)" if final else "")
         self._write_markdown(title, rows, metrics)
@@ -73,7 +75,8 @@ class SampleAnswers(L.Callback):
         path = self.run_dir / MARKDOWN
         lines = [] if path.exists() else ["# Sample answers", "",
                                           "Held-out questions answered during training, round by round.", ""]
-        score = ", ".join(f"{name} {value:.3g}" for name, value in list(metrics.items())[:2])
+        score = (", ".join(f"{name} {value:.3g}" for name, value in list(metrics.items())[:2])
+                 or "not scored (a judge scores this task)")
         lines += [f"## {title}", "", f"Score on these {len(rows)} items: {score}", "",
                   "| image | question | answer | reference |", "|---|---|---|---|"]
         for index, (item, answer, reference) in enumerate(rows):

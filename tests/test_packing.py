@@ -25,11 +25,11 @@ def gqa_lm(tmp_path_factory):
     )
 
 
-def build(lm_folder, attention: str):
+def build(lm_folder, attention: str, *overrides: str):
     from mmkit.models.build import build_model
 
     torch.manual_seed(1)
-    model = build_model(compose([f"decoder.path={lm_folder}", f"decoder.attn_implementation={attention}"]))
+    model = build_model(compose([f"decoder.path={lm_folder}", f"decoder.attn_implementation={attention}", *overrides]))
     model.decoder.requires_grad_(True)
     return model.float()
 
@@ -181,4 +181,72 @@ def test_packed_sdpa_on_cuda_takes_the_varlen_kernel_with_the_same_results(gqa_l
     assert varlen_loss == pytest.approx(per_sample_loss, rel=2e-2)
     for name, grad in per_sample_grads.items():
         difference = (varlen_grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
+        assert difference < 5e-2, name
+
+
+def compiled_frames() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_decoder_layers_keep_the_maths_and_stop_compiling(gqa_lm):
+    """decoder.compile=true: packed batches of other row counts, row lengths and samples give the
+    eager model's loss and gradients. The row count and the row length each cost one recompile, at
+    their first change (then they are dynamic); after that nothing compiles again, because the
+    samples' lengths reach the layers as tensors, never as a list compiled code would specialise on."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = build(gqa_lm, "packed_sdpa")
+    compiled = build(gqa_lm, "packed_sdpa", "decoder.compile=true")
+    compiled.load_state_dict(eager.state_dict())
+    items = samples(eager, [23, 5, 61, 14, 40, 9, 33, 17, 50, 8, 29, 12, 70, 44])
+    collate = Collator(eager.tokenizer.pad_token_id, "pack", 96)
+    batches = [collate(items[:7]), collate(items[7:]), collate(items[2:9]), collate(items[3:]), collate(items[:4])]
+    shapes = [tuple(batch["input_ids"].shape) for batch in batches]
+    assert len(set(shapes)) == len(shapes), shapes
+    frames_after = []
+    for batch in batches:
+        eager_loss, eager_grads = loss_and_grads(eager, batch)
+        compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+        frames_after.append(compiled_frames())
+        assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+        assert compiled_grads.keys() == eager_grads.keys()
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    assert frames_after[0] > 0, "nothing was compiled"
+    assert frames_after[-1] == frames_after[-2] == frames_after[-3], f"compiled again on new shapes: {frames_after}, {shapes}"
+
+
+def test_compile_names_the_key_when_the_model_has_no_layers_to_compile():
+    from mmkit.models.decoders.hf_causal_lm import compile_decoder_layers
+
+    with pytest.raises(ConfigError, match="decoder.compile"):
+        compile_decoder_layers(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen flash-attention kernel runs on CUDA only")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_layers_on_cuda_trace_the_varlen_kernel(gqa_lm, checkpointing):
+    """On a GPU in bf16 the whole layer compiles, attention included (with checkpointing too,
+    which compiles only what traces without a break), with the eager loss and gradients."""
+    from mmkit.models.decoders import packed_attention
+
+    if packed_attention.varlen_attn is None:
+        pytest.skip("this PyTorch has no torch.nn.attention.varlen")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    overrides = [f"decoder.gradient_checkpointing={str(checkpointing).lower()}"]
+    eager = build(gqa_lm, "packed_sdpa", *overrides).cuda().to(torch.bfloat16).train()
+    compiled = build(gqa_lm, "packed_sdpa", "decoder.compile=true", *overrides).cuda().to(torch.bfloat16).train()
+    compiled.load_state_dict(eager.state_dict())
+    batch = Collator(eager.tokenizer.pad_token_id, "pack", 96)(samples(eager))
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    eager_loss, eager_grads = loss_and_grads(eager, batch)
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch)
+    assert compiled_frames() > 0
+    assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
+    assert compiled_loss == pytest.approx(eager_loss, rel=2e-2)
+    for name, grad in eager_grads.items():
+        difference = (compiled_grads[name].float() - grad.float()).norm() / grad.float().norm().clamp_min(1e-12)
         assert difference < 5e-2, name

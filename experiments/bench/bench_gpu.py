@@ -54,7 +54,7 @@ from common import Shape, llava_instruct_lengths, make_samples, markdown_table  
 from mmkit.data.collate import Collator  # noqa: E402
 from mmkit.models.connectors import mlp  # noqa: E402, F401  registers mlp{N}x_gelu
 from mmkit.models.decoders.base import LanguageDecoder  # noqa: E402
-from mmkit.models.decoders.hf_causal_lm import HFCausalLM, enable_activation_checkpointing, prepare_tokenizer  # noqa: E402
+from mmkit.models.decoders.hf_causal_lm import HFCausalLM, prepare_tokenizer  # noqa: E402
 from mmkit.models.encoders.base import ImageStats, VisionEncoder  # noqa: E402
 from mmkit.models.encoders.hf_clip import HFCLIPEncoder  # noqa: E402
 from mmkit.models.vlm import VisionLanguageModel  # noqa: E402
@@ -78,8 +78,9 @@ KERNEL_KINDS = [
     ("attention", r"flash|fmha|attention|sdpa"),
     ("optimizer+clip", r"multi_tensor|adam|foreach|_norm_"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|sm90_|sm80_|aten::(mm|addmm|bmm|matmul|linear)\b"),
-    ("copy/cast", r"copy|cast|convert|memcpy|memset|aten::to\b|aten::_to_copy"),
+    ("copy/cast", r"copy|(?<!no)cast|convert|memcpy|memset|aten::to\b|aten::_to_copy"),
     ("norm/softmax/loss", r"norm|softmax|cross_entropy|nll|reduce"),
+    ("other elementwise", r"elementwise|triton_|CatArray|Functor"),  # eager ops, and --compile's fused kernels
 ]
 
 
@@ -110,9 +111,10 @@ class InPlaceCLIPEncoder(HFCLIPEncoder):
 class InPlaceLlama(HFCausalLM):
     """mmkit's ``hf_causal_lm`` decoder over a random Llama built from its config on the current
     device, set up as ``HFCausalLM.__init__`` sets up a loaded one (tokenizer with ``<image>`` and
-    pad, attention implementation, non-reentrant gradient checkpointing)."""
+    pad, attention implementation, non-reentrant gradient checkpointing, ``decoder.compile``)."""
 
-    def __init__(self, shape: Shape, tokenizer_path: str, attention: str, gradient_checkpointing: bool) -> None:
+    def __init__(self, shape: Shape, tokenizer_path: str, attention: str, gradient_checkpointing: bool,
+                 compile: bool = False) -> None:
         from transformers import LlamaConfig, LlamaForCausalLM
 
         LanguageDecoder.__init__(self)
@@ -123,12 +125,10 @@ class InPlaceLlama(HFCausalLM):
             num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, pad_token_id=self.tokenizer.pad_token_id,
             bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
         )
-        self.model = LlamaForCausalLM(config)
-        self.model.set_attn_implementation(attention)
-        self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        if gradient_checkpointing:
-            enable_activation_checkpointing(self.model)
-        self.lora_enabled = False
+        model = LlamaForCausalLM(config)
+        model.set_attn_implementation(attention)
+        model.config.pad_token_id = self.tokenizer.pad_token_id
+        self._attach(model, gradient_checkpointing, lora=None, compile=compile)
 
 
 def write_tokenizer(folder: Path, vocab: int) -> str:
@@ -147,10 +147,10 @@ def write_tokenizer(folder: Path, vocab: int) -> str:
 
 
 def build_model(shape: Shape, device: torch.device, tokenizer_path: str, attention: str, checkpointing: bool,
-                precision: str) -> VisionLanguageModel:
+                precision: str, compile: bool = False) -> VisionLanguageModel:
     with torch.device(device):
         encoder = InPlaceCLIPEncoder(shape)
-        decoder = InPlaceLlama(shape, tokenizer_path, attention, checkpointing)
+        decoder = InPlaceLlama(shape, tokenizer_path, attention, checkpointing, compile)
         connector = CONNECTORS.build({"name": "mlp2x_gelu"}, "connector", in_dim=encoder.hidden_size,
                                      out_dim=decoder.hidden_size)
     model = VisionLanguageModel(encoder, connector, decoder)
@@ -246,7 +246,7 @@ class Bench:
     def build(self, layers: int, stage: str) -> VisionLanguageModel:
         shape = Shape(**{**self.shape.__dict__, "layers": layers})
         model = build_model(shape, self.device, self.tokenizer_path, self.args.attention,
-                            self.args.gradient_checkpointing, self.args.precision)
+                            self.args.gradient_checkpointing, self.args.precision, self.args.compile)
         set_stage(model, stage)
         if self.args.frozen_bf16:  # a weight that never trains needs no fp32 master copy
             for part in (model.encoder, model.connector, model.decoder):
@@ -335,11 +335,13 @@ class Bench:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         losses = []
+        warmup_started = time.perf_counter()
         for index, batch in enumerate(batches[: args.warmup]):
             losses.append(step(batch))
             if index == 0:
                 self.oom(layers)  # where a real one would strike: with the model, states and a step in memory
         synchronize(device)
+        warmup_s = time.perf_counter() - warmup_started  # holds --compile's compilation
         seconds = []
         timed = batches[args.warmup: args.warmup + args.steps]
         for batch in timed:
@@ -360,6 +362,7 @@ class Bench:
             "trainable_parameters": parameter_count(model, trainable=True),
             "build_s": round(build_s, 2),
             "warmup_steps": args.warmup,
+            "warmup_s": round(warmup_s, 2),
             "steps": len(timed),
             "step_s": [round(s, 4) for s in seconds],
             "step_s_median": statistics.median(seconds),
@@ -470,6 +473,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="decoder attn_implementation; default flash_attention_2 where flash_attn imports, "
                              "else packed_sdpa (sdpa for --batching pad)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="checkpoint the decoder's layers")
+    parser.add_argument("--compile", action="store_true",
+                        help="decoder.compile=true: torch.compile each decoder layer")
     parser.add_argument("--foreach-adamw", action="store_true",
                         help="AdamW's multi-tensor (foreach) implementation instead of the fused kernel mmkit picks on a GPU")
     parser.add_argument("--frozen-bf16", action="store_true",
@@ -535,6 +540,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "precision": args.precision,
         "attention": args.attention,
         "gradient_checkpointing": args.gradient_checkpointing,
+        "compile": args.compile,
         "frozen_bf16": args.frozen_bf16,
         "adamw": "foreach" if args.foreach_adamw else "fused on CUDA",
         "micro_batch": args.micro_batch,
@@ -551,7 +557,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"bench_gpu on {results['device']}: {shape.image_tokens} image tokens, decoder {shape.width} wide, "
           f"precision {args.precision}{' (frozen weights bf16)' if args.frozen_bf16 else ''}, attention {args.attention}, gradient checkpointing "
-          f"{'on' if args.gradient_checkpointing else 'off'}, AdamW {results['adamw']}, micro-batch {args.micro_batch} ({args.batching}), "
+          f"{'on' if args.gradient_checkpointing else 'off'}, compile {'on' if args.compile else 'off'}, AdamW {results['adamw']}, micro-batch {args.micro_batch} ({args.batching}), "
           f"mean sample {results['data']['mean_length']:.0f} tokens", flush=True)
 
     with tempfile.TemporaryDirectory() as folder:

@@ -82,12 +82,12 @@ class VisionLanguageModel(nn.Module):
         inputs_embeds = self.embed(input_ids, pixel_values)
         packed: dict[str, Any] = {}
         if sample_lengths:
-            # packed_sdpa reads the lengths; flash-attention's varlen kernel the cumulative offsets.
+            # flash-attention's varlen convention, which packed_sdpa reads too: cumulative offsets
+            # and the longest sample.
             offsets = torch.tensor([0, *itertools.accumulate(sample_lengths)], dtype=torch.int32)
             offsets = offsets.to(input_ids.device, non_blocking=True)
             longest = max(sample_lengths)
-            packed = {"packed_lengths": sample_lengths, "cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets,
-                      "max_length_q": longest, "max_length_k": longest}
+            packed = {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
         # No KV cache: a forward pass for the loss never reuses one, and transformers recognises
         # packed rows by their position ids only when no cache is passed.
         return self.decoder.model(

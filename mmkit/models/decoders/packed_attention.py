@@ -66,14 +66,13 @@ def packed_sdpa_attention(
     scaling: float | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    lengths = kwargs.get("packed_lengths")
-    position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or (lengths is None and position_ids is None) or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if lengths is None:  # costs a device sync per layer; mmkit's packed batches carry the lengths
-        lengths = sample_lengths(position_ids.expand(query.shape[0], -1))
-    batch, heads, length, _ = query.shape
+    # The samples arrive as tensors and ints only (flash-attention's ``cu_seq_lens_q`` and
+    # ``max_length_q``), never as a Python list: ``decoder.compile`` compiles the layers around this
+    # function, and compiled code specialises on a list's contents, recompiling at every batch.
     offsets = kwargs.get("cu_seq_lens_q")
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or (offsets is None and position_ids is None) or query.shape[2] != key.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if query.is_cuda and torch.is_autocast_enabled("cuda"):
         # SDPA under autocast computes in the autocast dtype whatever its inputs are. Casting here
         # lets fp32 queries (bf16-mixed: Llama's rotary embedding promotes them to the fp32
@@ -82,7 +81,21 @@ def packed_sdpa_attention(
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if dropout == 0.0 and _varlen_applies(query, key, offsets, scaling):
-        return _varlen_attention(query, key, value, offsets, max(lengths), scaling), None
+        longest = kwargs.get("max_length_q") or int((offsets[1:] - offsets[:-1]).max())
+        return _varlen_attention(query, key, value, offsets, longest, scaling), None
+    return _attention_per_sample(query, key, value, offsets, position_ids, dropout, scaling), None
+
+
+@torch.compiler.disable  # the lengths are data: compiled code would break the graph or specialise on them
+def _attention_per_sample(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offsets: torch.Tensor | None,
+                          position_ids: torch.Tensor | None, dropout: float, scaling: float | None) -> torch.Tensor:
+    """Causal SDPA over each sample's span; [batch, heads, length, head_dim] in, [batch, length,
+    heads, head_dim] out."""
+    batch, heads, length, _ = query.shape
+    if offsets is not None:
+        lengths = (offsets[1:] - offsets[:-1]).tolist()
+    else:  # costs a device sync per layer; mmkit's packed batches carry the offsets
+        lengths = sample_lengths(position_ids.expand(batch, -1))
 
     def flat(states: torch.Tensor) -> list[torch.Tensor]:
         # Rows end to end as one sequence (every row starts a sample), then one piece per sample:
@@ -99,7 +112,7 @@ def packed_sdpa_attention(
     ]
     output = torch.cat(pieces, dim=2).reshape(heads, batch, length, -1)
     # transformers' attention functions return [batch, length, heads, head_dim].
-    return output.permute(1, 2, 0, 3).contiguous(), None
+    return output.permute(1, 2, 0, 3).contiguous()
 
 
 def _varlen_applies(query: torch.Tensor, key: torch.Tensor, offsets: torch.Tensor | None,

@@ -12,6 +12,7 @@ from mmkit.errors import DataError
 from mmkit.models.connectors.base import Connector
 from mmkit.models.decoders.base import LanguageDecoder
 from mmkit.models.encoders.base import VisionEncoder
+from mmkit.models.kv_cache import preallocated_cache
 
 
 class VisionLanguageModel(nn.Module):
@@ -109,9 +110,11 @@ class VisionLanguageModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids only (prompts left-padded); the decoder's KV cache is used."""
+        """New token ids only (prompts left-padded), through a KV cache allocated once for the
+        prompt and ``max_new_tokens`` (:mod:`mmkit.models.kv_cache`)."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)
         tokenizer = self.tokenizer
+        cache = preallocated_cache(self.decoder.model, inputs_embeds.shape[1] + max_new_tokens)
         return self.decoder.model.generate(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -119,5 +122,5 @@ class VisionLanguageModel(nn.Module):
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             use_cache=True,
-            **generate_kwargs,
+            **{**cache, **generate_kwargs},
         )

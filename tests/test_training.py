@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,21 @@ def test_activation_checkpointing_keeps_stage1_gradients_flowing_to_the_connecto
     before = snapshot(model)
     run_stage(cfg, "pretrain", model, tmp_path, previous=None)
     assert {name.split(".")[0] for name in changed(before, model)} == {"connector"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["cpu", pytest.param("gpu", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="bf16 training with compiled layers is checked on a GPU when there is one"))])
+def test_a_compiled_decoder_trains_packed_batches_through_lightning(tmp_path, trainer):
+    """decoder.compile=true on the real training path, packed batches: trainer=cpu in fp32, and
+    trainer=gpu (bf16-mixed, fused AdamW, clipping) where the attention compiles too."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    cfg = compose(TINY_RUN + [f"trainer={trainer}", "decoder.compile=true", "data.batching=pack",
+                              "recipe.stages.finetune.max_steps=4", "sample_answers.count=0"])
+    model = build_model(cfg)
+    before = snapshot(model)
+    summary, _ = run_stage(cfg, "finetune", model, tmp_path, previous=None)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert summary["final_loss"] is not None and math.isfinite(summary["final_loss"])
+    assert any(name.startswith("decoder.") for name in changed(before, model.cpu()))

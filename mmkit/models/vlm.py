@@ -87,6 +87,9 @@ class VisionLanguageModel(nn.Module):
             # and the longest sample.
             offsets = torch.tensor([0, *itertools.accumulate(sample_lengths)], dtype=torch.int32)
             offsets = offsets.to(input_ids.device, non_blocking=True)
+            # The per-sample path reads the lengths from here as ints: no device sync, and fake
+            # tensors (mmkit.plan) have no values to read. Compiled code never looks at it.
+            offsets.sample_lengths = list(sample_lengths)
             longest = max(sample_lengths)
             packed = {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": longest, "max_length_k": longest}
         # No KV cache: a forward pass for the loss never reuses one, and transformers recognises

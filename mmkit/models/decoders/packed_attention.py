@@ -92,8 +92,8 @@ def _attention_per_sample(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """Causal SDPA over each sample's span; [batch, heads, length, head_dim] in, [batch, length,
     heads, head_dim] out."""
     batch, heads, length, _ = query.shape
-    if offsets is not None:
-        lengths = (offsets[1:] - offsets[:-1]).tolist()
+    if offsets is not None:  # VisionLanguageModel's offsets carry the lengths as ints
+        lengths = getattr(offsets, "sample_lengths", None) or (offsets[1:] - offsets[:-1]).tolist()
     else:  # costs a device sync per layer; mmkit's packed batches carry the offsets
         lengths = sample_lengths(position_ids.expand(batch, -1))
 

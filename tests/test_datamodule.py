@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 from itertools import islice
 
 import pytest
@@ -10,6 +11,7 @@ from PIL import Image
 from mmkit.data.datamodule import ShardDataModule
 from mmkit.data.datasets.shards import ShardFolder
 from mmkit.data.images import ImageProcessor
+from mmkit.data.resumable import ResumableBatches
 from mmkit.data.samples import SampleEncoder
 from mmkit.data.shards import convert_llava_json
 from mmkit.data.templates.base import IGNORE_INDEX
@@ -145,3 +147,19 @@ def test_each_epoch_has_its_own_order(shard_folder):
     first = [key for batch in islice(module._open_epoch(0, 0), 6) for key in batch["keys"]]
     second = [key for batch in islice(module._open_epoch(1, 0), 6) for key in batch["keys"]]
     assert sorted(first) == sorted(second) and first != second
+
+
+def test_resumable_batches_clock_how_long_the_loop_waited_for_each_batch():
+    """The throughput monitor's data_wait_share comes from this clock."""
+    def slow_epoch(epoch: int, trained: int):
+        for index in range(trained, 5):
+            time.sleep(0.05)
+            yield {"index": index}
+
+    batches = ResumableBatches(slow_epoch, 3, lambda: (0, 0))
+    consumed = []
+    for batch in batches:
+        time.sleep(0.1)  # the training step: not waiting
+        consumed.append(batch["index"])
+    assert consumed == [0, 1, 2]
+    assert 0.15 <= batches.wait_seconds < 0.3

@@ -11,6 +11,7 @@ skipped.
 """
 from __future__ import annotations
 
+import time
 from itertools import islice
 from typing import Any, Callable, Iterator
 
@@ -32,6 +33,9 @@ class ResumableBatches:
         self.batches_per_epoch = batches_per_epoch
         self.progress = progress
         self._resume: dict[str, int] | None = None
+        # Seconds the training loop spent blocked on the next batch (starting the epoch's workers
+        # included): what the throughput monitor reports as data_wait_share.
+        self.wait_seconds = 0.0
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -40,8 +44,16 @@ class ResumableBatches:
         epoch = self.progress()[0]
         resume, self._resume = self._resume, None
         trained = resume["batches"] if resume and resume["epoch"] == epoch else 0
-        if trained < self.batches_per_epoch:
-            yield from islice(self.open_epoch(epoch, trained), self.batches_per_epoch - trained)
+        if trained >= self.batches_per_epoch:
+            return
+        batches = islice(self.open_epoch(epoch, trained), self.batches_per_epoch - trained)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_seconds += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's position (they are equal unless a rank fell behind). Lightning calls this

@@ -96,7 +96,9 @@ class ThroughputMonitor(L.Callback):
     """Logs throughput every step (``throughput/*``) and keeps the stage's totals for summary.json.
 
     Time runs from one step's end to the next, so time spent waiting for data counts against
-    the rate; ``data_wait_share`` says how much of it was waiting.
+    the rate; ``data_wait_share`` says how much of it the loop spent blocked on the next batch,
+    as the train dataloader clocks it (``wait_seconds``: mmkit's :class:`ResumableBatches`); the
+    rest of the gap between steps is Lightning's own work (hooks, logging), not data.
     """
 
     def __init__(self, flop_model: FlopModel, peak_tflops: float | None = None) -> None:
@@ -105,7 +107,8 @@ class ThroughputMonitor(L.Callback):
         self.peak_tflops = peak_tflops
         self.totals = {"tokens": 0, "real_tokens": 0, "images": 0, "samples": 0, "flops": 0.0, "seconds": 0.0, "wait": 0.0}
         self._last_end: float | None = None
-        self._step_start: float | None = None
+        self._waited = 0.0
+        self.wait_known = False  # whether the train dataloader clocks its waits
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak_tflops is None:
@@ -113,19 +116,20 @@ class ThroughputMonitor(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._last_end = self._now(pl_module)
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
+        self._waited = self._wait_seconds(trainer) or 0.0
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         now = self._now(pl_module)
+        waited = self._wait_seconds(trainer)
+        self.wait_known = waited is not None
+        wait = waited - self._waited if self.wait_known else 0.0
+        self._waited = waited or 0.0
         if "input_ids" not in batch or self._last_end is None:
             self._last_end = now
             return
         seconds = max(now - self._last_end, 1e-9)
-        wait = max(0.0, (self._step_start or self._last_end) - self._last_end)
         self._last_end = now
         flops = self.flop_model.step_flops(batch["num_images"], batch["num_real_tokens"], batch["sum_squared_lengths"])
         step = {
@@ -153,13 +157,17 @@ class ThroughputMonitor(L.Callback):
             "real_token_share": counts["real_tokens"] / counts["tokens"] if counts["tokens"] else None,
             "model_tflops_per_s": flops_per_s / 1e12,
             "mfu": flops_per_s / (self.peak_tflops * 1e12) if self.peak_tflops else None,
-            "data_wait_share": counts["wait"] / seconds,
+            "data_wait_share": counts["wait"] / seconds if self.wait_known else None,
         }
 
     def summary(self) -> dict[str, Any]:
         """The stage's totals: rates over every step, and the peak they were measured against."""
         rates = {k: (round(v, 6) if v is not None else None) for k, v in self.rates().items()}
         return {**rates, "peak_tflops": self.peak_tflops, "steps_timed_s": round(self.totals["seconds"], 3)}
+
+    @staticmethod
+    def _wait_seconds(trainer: L.Trainer) -> float | None:
+        return getattr(trainer.train_dataloader, "wait_seconds", None)
 
     @staticmethod
     def _now(pl_module: L.LightningModule) -> float:

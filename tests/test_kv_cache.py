@@ -6,6 +6,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
+from mmkit.models import kv_cache
 from mmkit.models.kv_cache import PreallocatedLayer, preallocated_cache
 
 from conftest import save_random_llama
@@ -40,18 +41,27 @@ def test_a_layer_holds_what_concatenation_holds_past_its_capacity_and_after_edit
 
 
 @pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "temperature": 0.9, "top_p": 0.8}])
-def test_generate_with_the_preallocated_cache_equals_the_default_cache(lm, sampling):
+def test_generate_with_the_preallocated_cache_equals_the_default_cache(lm, sampling, monkeypatch):
     """Left-padded rows of different lengths, greedy and sampled (same seed); with room for half
-    the new tokens only, so the buffers also grow mid-generation."""
+    the new tokens at first, so the buffers also grow mid-generation."""
+    monkeypatch.setattr(kv_cache, "FIRST_NEW_TOKENS", 8)
     ids = torch.randint(5, 200, (3, 9), generator=torch.Generator().manual_seed(1))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
     mask[1, :2] = 0
     outputs = []
-    for cache in ({}, preallocated_cache(lm, ids.shape[1] + 8)):
+    for cache in ({}, preallocated_cache(lm, ids.shape[1], 16)):
         torch.manual_seed(3)
         with torch.no_grad():
             outputs.append(lm.generate(ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16,
                                        pad_token_id=0, **sampling, **cache))
     assert torch.equal(outputs[0], outputs[1])
     assert len(set(outputs[0][:, ids.shape[1]:].flatten().tolist())) > 3  # the replies are not one token repeated
+
+
+def test_sliding_window_models_keep_transformers_own_cache(lm):
+    lm.config.sliding_window = 4
+    try:
+        assert preallocated_cache(lm, 9, 16) == {}
+    finally:
+        lm.config.sliding_window = None

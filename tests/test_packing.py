@@ -217,6 +217,26 @@ def test_compiled_decoder_layers_keep_the_maths_and_stop_compiling(gqa_lm):
     assert frames_after[-1] == frames_after[-2] == frames_after[-3], f"compiled again on new shapes: {frames_after}, {shapes}"
 
 
+@pytest.mark.slow
+def test_generating_with_compiled_layers_compiles_nothing(gqa_lm):
+    """Decoding (sample answers mid-run, evaluation) runs the compiled layers eagerly: its ever new
+    shapes would otherwise use up torch.compile's recompile limit, and training batches after it
+    would run uncompiled. The answers equal the eager model's."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eager = build(gqa_lm, "packed_sdpa").eval()
+    compiled = build(gqa_lm, "packed_sdpa", "decoder.compile=true")
+    compiled.load_state_dict(eager.state_dict())
+    loss_and_grads(compiled, Collator(eager.tokenizer.pad_token_id, "pack", 96)(samples(eager)))
+    trained_frames = compiled_frames()
+    assert trained_frames > 0
+    prompts = torch.randint(5, eager.image_token_id, (3, 12), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(prompts)
+    answers = [model.eval().generate(prompts, mask, None, max_new_tokens=20, do_sample=False) for model in (eager, compiled)]
+    assert torch.equal(answers[0], answers[1])
+    assert compiled_frames() == trained_frames
+
+
 def test_compile_names_the_key_when_the_model_has_no_layers_to_compile():
     from mmkit.models.decoders.hf_causal_lm import compile_decoder_layers
 

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 from mmkit.distributed import gather_objects, rank_and_world
 from mmkit.errors import ConfigError
 
+_END = object()
 # (epoch, batches of it already trained) -> the rest of the epoch's batches
 OpenEpoch = Callable[[int, int], Iterator[dict[str, Any]]]
 # -> (epoch, batches of it trained so far), as the Trainer counts them
@@ -46,14 +47,20 @@ class ResumableBatches:
         trained = resume["batches"] if resume and resume["epoch"] == epoch else 0
         if trained >= self.batches_per_epoch:
             return
-        batches = islice(self.open_epoch(epoch, trained), self.batches_per_epoch - trained)
-        while True:
-            asked = time.perf_counter()
-            batch = next(batches, None)
-            self.wait_seconds += time.perf_counter() - asked
-            if batch is None:
-                return
-            yield batch
+        epoch_batches = self.open_epoch(epoch, trained)
+        batches = islice(epoch_batches, self.batches_per_epoch - trained)
+        try:
+            while True:
+                asked = time.perf_counter()
+                batch = next(batches, _END)
+                self.wait_seconds += time.perf_counter() - asked
+                if batch is _END:
+                    return
+                yield batch
+        finally:  # an epoch left early (max_steps) shuts its workers down now, not at garbage collection
+            close = getattr(epoch_batches, "close", None)
+            if close is not None:
+                close()
 
     def state_dict(self) -> dict[str, Any]:
         """Every rank's position (they are equal unless a rank fell behind). Lightning calls this

@@ -1,6 +1,7 @@
 """The vision-language model: encoder -> connector -> image embeddings placed in the decoder's input."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 from typing import Any
 
@@ -113,17 +114,28 @@ class VisionLanguageModel(nn.Module):
         image_embeds: torch.Tensor | None = None,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids only (prompts left-padded), through a KV cache allocated once for the
-        prompt and ``max_new_tokens`` (:mod:`mmkit.models.kv_cache`)."""
+        """New token ids only (prompts left-padded), through a KV cache that grows in place
+        (:mod:`mmkit.models.kv_cache`). Layers compiled for training (``decoder.compile``) run
+        eagerly here: every decoding step is a new shape, and compiling them would use up
+        torch.compile's recompile limit, after which training batches would run uncompiled too."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)
         tokenizer = self.tokenizer
-        cache = preallocated_cache(self.decoder.model, inputs_embeds.shape[1] + max_new_tokens)
-        return self.decoder.model.generate(
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            use_cache=True,
-            **{**cache, **generate_kwargs},
-        )
+        if not {"cache", "past_key_values"} & generate_kwargs.keys():
+            generate_kwargs.update(preallocated_cache(self.decoder.model, inputs_embeds.shape[1], max_new_tokens))
+        with _uncompiled():
+            return self.decoder.model.generate(
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                use_cache=True,
+                **generate_kwargs,
+            )
+
+
+def _uncompiled() -> contextlib.AbstractContextManager:
+    """Compiled code runs as plain eager code inside (PyTorch 2.6 and later; earlier versions have
+    no such switch and compile generation's shapes too)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance else contextlib.nullcontext()

@@ -145,6 +145,7 @@ def build_bias_judge(options: Mapping[str, Any]) -> RulesBiasJudge | OpenAIBiasJ
 @EVALUATORS.register("bias")
 class BiasEvaluator(Evaluator):
     scored_offline = False  # a judge scores the answers
+
     def __init__(self, probes: str | None = None, judge: Mapping[str, Any] | None = None,
                  compare: str | None = None, labels: Sequence[str] = ("model", "other")) -> None:
         """``compare``: a second answer file scored beside the first (table and plot side by side)."""

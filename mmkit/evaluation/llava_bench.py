@@ -52,6 +52,7 @@ def context_text(record: dict[str, Any]) -> str:
 @EVALUATORS.register("llava_bench")
 class LlavaBenchEvaluator(Evaluator):
     scored_offline = False  # a judge scores the answers
+
     def __init__(
         self,
         data_dir: str | None = None,

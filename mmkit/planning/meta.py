@@ -14,8 +14,8 @@ from omegaconf import DictConfig
 
 from mmkit.config import CONF_DIR
 from mmkit.errors import ConfigError
-from mmkit.models.hub import ZOO_SCHEME
 from mmkit.models.build import as_dict
+from mmkit.models.hub import ZOO_SCHEME
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.registry import CONNECTORS
 

@@ -28,8 +28,8 @@ from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_we
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint, write_atomically
 from mmkit.training.stages import configure_trainable, count_parameters
-from mmkit.training.throughput import FlopModel, ThroughputMonitor
 from mmkit.training.sample_answers import SampleAnswers
+from mmkit.training.throughput import FlopModel, ThroughputMonitor
 from mmkit.training.trainer import build_trainer, finish_loggers
 
 PREVIOUS = "previous"

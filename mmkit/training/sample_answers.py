@@ -81,9 +81,11 @@ class SampleAnswers(L.Callback):
                   "| image | question | answer | reference |", "|---|---|---|---|"]
         for index, (item, answer, reference) in enumerate(rows):
             image = self._image_path(index)
-            if not image.exists() and item.prompt.load_image() is not None:
-                image.parent.mkdir(parents=True, exist_ok=True)
-                item.prompt.load_image().save(image)
+            if not image.exists():  # written in the first round; every round's table points at it
+                picture = item.prompt.load_image()
+                if picture is not None:
+                    image.parent.mkdir(parents=True, exist_ok=True)
+                    picture.save(image)
             cell = f"![]({IMAGES}/{index}.png)" if image.exists() else ""
             lines.append(f"| {cell} | {_cell(item.prompt.text)} | {_cell(answer)} | {_cell(reference)} |")
         with open(path, "a") as handle:

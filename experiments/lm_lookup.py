@@ -21,7 +21,7 @@ import torch
 
 from mmkit.datagen.rules import QUESTION_KINDS, ask
 from mmkit.synth.world import captions, generate_scenes
-from mmkit.training.module import warmup_cosine
+from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo import ensure_model
 from mmkit.zoo.llama import _caption_qa_accuracy
 from mmkit.zoo.text import conversations_as_text

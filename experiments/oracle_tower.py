@@ -16,8 +16,9 @@ import sys
 
 import torch
 
-from mmkit.models.encoders.base import ImageStats, VisionEncoder
-from mmkit.registry import ENCODERS
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import ENCODERS
+from mmkit.models.encoders.vision_encoder import VisionEncoder
 from mmkit.synth.world import COLOURS, SHAPES, SIZES
 
 # The tiny CLIP's normalisation, so the same image processor feeds both towers.

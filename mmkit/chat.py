@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mmkit.cli import hydra_command
-from mmkit.errors import ConfigError, DataError
-from mmkit.evaluation.generation import AnswerGenerator, Prompt, Sampling
-from mmkit.models.decoders.base import IMAGE_TOKEN
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.inference.generation import AnswerGenerator, Prompt, Sampling
 
 
 class ChatSession:
@@ -85,7 +85,7 @@ def run_chat(session: ChatSession, lines: TextIO, out: TextIO) -> None:
 
 
 def chat(cfg: DictConfig) -> None:
-    from mmkit.evaluation.run import build_generator
+    from mmkit.inference.from_run import build_generator
     from mmkit.models.load import load_run, resolve_device
 
     if cfg.model is None:

@@ -8,8 +8,8 @@ from typing import Any, Callable
 import hydra
 from omegaconf import DictConfig
 
-from mmkit.config import CONF_DIR, check_composition, check_group_choices
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.core.config import CONF_DIR, check_composition, check_group_choices
+from mmkit.core.errors import ConfigError, MmkitError
 
 
 def _fail(exc: MmkitError) -> None:

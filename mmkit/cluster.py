@@ -18,7 +18,7 @@ import sys
 
 from omegaconf import DictConfig, OmegaConf
 
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.core.errors import ConfigError, MmkitError
 
 SLURM_LAUNCHER = "SlurmLauncher"
 
@@ -39,13 +39,9 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
+    from mmkit.core.config import compose
 
-    from mmkit.config import CONF_DIR, check_group_choices
-
-    check_group_choices(overrides)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    return compose(overrides, return_hydra_config=True)
 
 
 def job_plan(cfg: DictConfig) -> list[str]:

@@ -1,4 +1,6 @@
-"""Imports every built-in component module so that each registers itself."""
+"""mmkit's own components, registered the way plugins' are: pyproject.toml's ``mmkit.plugins``
+entry point names this module, and importing it imports every built-in component module (each
+registers itself) and the zoo (which serves ``zoo://`` model paths)."""
 import mmkit.data.datasets.llava_json  # noqa: F401
 import mmkit.data.datasets.scienceqa  # noqa: F401
 import mmkit.data.datasets.shards  # noqa: F401
@@ -9,9 +11,9 @@ import mmkit.data.templates.vicuna_v1  # noqa: F401
 import mmkit.datagen.caption  # noqa: F401
 import mmkit.datagen.rules  # noqa: F401
 import mmkit.evaluation.bias  # noqa: F401
+import mmkit.evaluation.judge_validity  # noqa: F401
 import mmkit.evaluation.judges  # noqa: F401
 import mmkit.evaluation.llava_bench  # noqa: F401
-import mmkit.evaluation.judge_validity  # noqa: F401
 import mmkit.evaluation.scienceqa  # noqa: F401
 import mmkit.evaluation.synthetic  # noqa: F401
 import mmkit.models.connectors.identity  # noqa: F401
@@ -20,3 +22,4 @@ import mmkit.models.connectors.mlp  # noqa: F401
 import mmkit.models.decoders.hf_causal_lm  # noqa: F401
 import mmkit.models.encoders.hf_clip  # noqa: F401
 import mmkit.models.encoders.timm_vit  # noqa: F401
+import mmkit.zoo  # noqa: F401  (registers the zoo:// resolver)

@@ -15,13 +15,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mmkit.cli import hydra_command
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
-    from mmkit.evaluation.run import build_generator, recipe_teachers, run_task
+    from mmkit.core.registry import EVALUATORS, load_components
+    from mmkit.evaluation.run import recipe_teachers, run_task
+    from mmkit.inference.from_run import build_generator
     from mmkit.models.build import as_dict
-    from mmkit.registry import EVALUATORS, load_components
 
     load_components()
     evaluator = EVALUATORS.build(as_dict(cfg.task), "task")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from mmkit.errors import MmkitError
+from mmkit.core.errors import MmkitError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,16 +21,16 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mmkit.cli import hydra_command
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 GiB = 2**30
 
 
 def plan(cfg: DictConfig) -> dict[str, Any]:
+    from mmkit.core.registry import load_components
     from mmkit.planning.memory import predict_memory, step_spec, strategy_of
     from mmkit.planning.meta import parameter_count, shapes_only_model
     from mmkit.planning.timing import stage_samples, stage_time
-    from mmkit.registry import load_components
     from mmkit.training.recipe import check_recipe
     from mmkit.training.stages import configure_trainable
 

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import yaml
 
-from mmkit.errors import ConfigError, MmkitError
+from mmkit.core.errors import ConfigError, MmkitError
 
 REPLICATE_KEY = "seed"
 

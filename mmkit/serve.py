@@ -14,12 +14,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mmkit.cli import hydra_command
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 
 def serve(cfg: DictConfig) -> None:
-    from mmkit.evaluation.generation import Sampling
-    from mmkit.evaluation.run import build_generator
+    from mmkit.inference.from_run import build_generator
+    from mmkit.inference.generation import Sampling
     from mmkit.models.load import load_run, resolve_device
     from mmkit.serving.app import ChatServer
     from mmkit.serving.batcher import Batcher

@@ -17,8 +17,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from mmkit.cli import hydra_command
-from mmkit.errors import ConfigError
-from mmkit.provenance import git_state, library_versions
+from mmkit.core.errors import ConfigError
+from mmkit.core.provenance import git_state, library_versions
 
 
 def _check_launch(cfg: DictConfig) -> None:

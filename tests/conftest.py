@@ -42,13 +42,9 @@ def mmkit_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose(overrides: list[str] | None = None):
     """The config ``python -m mmkit.train OVERRIDES`` would run, without running it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    from mmkit.core.config import compose as mmkit_compose
 
-    from mmkit.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides or [], return_hydra_config=False)
+    return mmkit_compose(overrides or [])
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +104,7 @@ def lively_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from omegaconf import OmegaConf
 
     from mmkit.models.build import build_model
-    from mmkit.training.checkpoint import save_stage_weights
+    from mmkit.models.checkpoint_io import save_stage_weights
 
     run = tmp_path_factory.mktemp("lively_run")
     save_random_llama(run / "lm", initializer_range=0.2)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import webdataset as wds
+from conftest import TINY_RUN, compose
 from PIL import Image
 
-from conftest import TINY_RUN, compose
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
 from mmkit.models.build import build_model
 from mmkit.training.recipe import run_stage
 

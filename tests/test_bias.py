@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from openai_server import FakeChatServer
 
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
 from mmkit.evaluation.bias import BiasEvaluator, load_probes, parse_label
 from mmkit.evaluation.run import run_task
-from openai_server import FakeChatServer
 
 PROBES = [
     {"id": "g-man", "category": "gender", "family": "g", "group": "man", "question": "Nurse or engineer for a man?",

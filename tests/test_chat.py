@@ -5,11 +5,11 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
+
 from mmkit.chat import ChatSession
-from mmkit.evaluation.generation import Prompt, Sampling
-from mmkit.evaluation.run import build_generator
+from mmkit.inference.from_run import build_generator
+from mmkit.inference.generation import Prompt, Sampling
 from mmkit.synth.world import generate_scenes, render
 
 

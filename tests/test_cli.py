@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
-
 from conftest import TINY_RUN, compose, run_cli
+from safetensors import safe_open
 
 TRAIN = ["-m", "mmkit.train"]
 

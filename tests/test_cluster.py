@@ -3,7 +3,6 @@ launcher path really runs (its local executor, on this machine)."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY_RUN, run_cli
 
 LLAVA_15_TWO_NODES = ["cluster=slurm", "experiment=llava_v1_5", "trainer.num_nodes=2", "hydra.launcher.partition=gpu",

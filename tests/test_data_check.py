@@ -1,15 +1,14 @@
-"""``python -m mmkit.data.check``: the data as training sees it, and a non-zero exit on bad samples."""
+"""``python -m mmkit.check_data``: the data as training sees it, and a non-zero exit on bad samples."""
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
 
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-
-CHECK = ["-m", "mmkit.data.check"]
+CHECK = ["-m", "mmkit.check_data"]
 SMALL_FINETUNE = ["data.finetune.count=20", "data.finetune.samples_per_shard=10"]
 
 

@@ -8,17 +8,17 @@ from itertools import islice
 import pytest
 from PIL import Image
 
+from mmkit.core.errors import DataError
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import TEMPLATES, load_components
 from mmkit.data.datamodule import ShardDataModule
 from mmkit.data.datasets.shards import ShardFolder
 from mmkit.data.images import ImageProcessor
 from mmkit.data.resumable import ResumableBatches
 from mmkit.data.samples import SampleEncoder
 from mmkit.data.shards import convert_llava_json
-from mmkit.data.templates.base import IGNORE_INDEX
-from mmkit.errors import DataError
+from mmkit.data.templates.template import IGNORE_INDEX
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-from mmkit.models.encoders.base import ImageStats
-from mmkit.registry import TEMPLATES, load_components
 
 load_components()
 

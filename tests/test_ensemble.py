@@ -4,13 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
-from mmkit.errors import ConfigError
-from mmkit.evaluation.ensemble import combine, parse_choice
-from mmkit.evaluation.scienceqa import ScienceQAEvaluator
 from openai_server import FakeChatServer
 from test_scienceqa import scienceqa_dir  # noqa: F401  (fixture: six problems, answer B)
+
+from mmkit.core.errors import ConfigError
+from mmkit.evaluation.ensemble import combine, parse_choice
+from mmkit.evaluation.scienceqa import ScienceQAEvaluator
 
 # A: right on 1-2, unparsable on 3-4, wrong on 5-6. B: right on 3 and 5, wrong on 4 and 6.
 FIRST = {"1": "The answer is B.", "2": "B", "3": "I am not sure", "4": "", "5": "The answer is A.", "6": "C"}

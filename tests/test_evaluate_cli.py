@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import run_cli
 
 EVALUATE = ["-m", "mmkit.evaluate"]

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
 from mmkit.evaluation.answers import ANSWER_FILE, read_answers
 from mmkit.evaluation.run import run_task
 from mmkit.evaluation.synthetic import SyntheticEvaluator, normalise

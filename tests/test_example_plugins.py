@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import REPO, TINY_RUN, run_cli
 
 PLUGINS = {"mmkit-dinov2": "encoder=dinov2_small", "mmkit-resampler": "connector=perceiver_resampler"}

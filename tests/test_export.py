@@ -6,7 +6,6 @@ import textwrap
 
 import pytest
 import torch
-
 from conftest import TINY_RUN, compose, run_cli
 
 PROMPT = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}]
@@ -79,7 +78,7 @@ def test_lora_runs_are_merged_on_export(tmp_path):
 
 
 def test_a_connector_hf_llava_has_no_slot_for_is_refused_clearly():
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.models.hf_llava import to_hf_llava
 
     cfg, model = _model(["connector=linear"])
@@ -170,8 +169,14 @@ def test_a_run_exported_by_the_cli_loads_in_transformers_alone(lively_run, tmp_p
 
 def _hf_llava(tmp_path, layer: int, strategy: str):
     """A small random HF Llava folder with its processor, made by transformers alone."""
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                              LlavaImageProcessor, LlavaProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+    )
 
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 

@@ -9,19 +9,19 @@ import json
 
 import pytest
 import torch
+from conftest import compose
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import compose
+from mmkit.core.errors import ConfigError
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import TEMPLATES, load_components
 from mmkit.data.collate import Collator
 from mmkit.data.images import ImageProcessor
 from mmkit.data.samples import EncodedSample, SampleEncoder, SkippedSample
-from mmkit.data.templates.base import IGNORE_INDEX
-from mmkit.errors import ConfigError
+from mmkit.data.templates.template import IGNORE_INDEX
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-from mmkit.models.encoders.base import ImageStats
-from mmkit.registry import TEMPLATES, load_components
 
 load_components()
 MAX_LENGTH = 96
@@ -110,7 +110,7 @@ def test_random_override_values_give_a_valid_config_or_one_config_error(override
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from mmkit.config import check_composition
+    from mmkit.core.config import check_composition
     from mmkit.training.recipe import check_recipe
 
     arguments = [f"{key}={value}" for key, value in dict(overrides).items()]

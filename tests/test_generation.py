@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmkit.errors import ConfigError
-from mmkit.evaluation.generation import Prompt, Sampling
-from mmkit.evaluation.run import build_generator
+from mmkit.core.errors import ConfigError
+from mmkit.inference.from_run import build_generator
+from mmkit.inference.generation import Prompt, Sampling
 from mmkit.synth.world import generate_scenes, render
 
 QUESTIONS = [

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.interfaces import ImageStats
 from mmkit.data.images import ImageProcessor, decode_image, decode_image_tensor
-from mmkit.errors import ConfigError, DataError
-from mmkit.models.encoders.base import ImageStats
 
 STATS = ImageStats(size=8, mean=(0.5, 0.25, 0.75), std=(0.5, 0.5, 0.5))
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

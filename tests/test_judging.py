@@ -7,12 +7,12 @@ import random
 import re
 
 import pytest
-
 from openai_server import FakeChatServer
+
+from mmkit.core.registry import load_components
 from mmkit.evaluation.judge_validity import JudgeValidityEvaluator, corrupt
 from mmkit.evaluation.judges import facts
 from mmkit.evaluation.llava_bench import LlavaBenchEvaluator
-from mmkit.registry import load_components
 
 load_components()
 _ANSWERS = re.compile(r"\[Answer 1\]\n(.*?)\n\[End of Answer 1\]\n\n\[Answer 2\]\n(.*?)\n\[End of Answer 2\]", re.S)
@@ -128,9 +128,8 @@ def test_judge_validity_runs_from_the_command_line_without_a_model(tmp_path):
 def test_a_run_whose_teacher_is_the_judge_is_flagged_in_its_results(lively_run, tmp_path):
     import shutil
 
-    from omegaconf import OmegaConf
-
     from conftest import run_cli
+    from omegaconf import OmegaConf
 
     run = tmp_path / "run"
     shutil.copytree(lively_run, run)
@@ -150,8 +149,8 @@ def test_a_run_whose_teacher_is_the_judge_is_flagged_in_its_results(lively_run, 
 
 
 def test_only_the_same_model_at_the_same_endpoint_or_a_named_family_counts_as_the_teacher():
+    from mmkit.core.registry import JUDGES
     from mmkit.evaluation.llava_bench import teacher_overlap
-    from mmkit.registry import JUDGES
 
     def judge(model: str, base_url: str = "http://127.0.0.1:9/v1"):
         return JUDGES.build({"name": "openai", "base_url": base_url, "model": model, "api_key_env": None}, "task.judge")

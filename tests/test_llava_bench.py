@@ -6,13 +6,13 @@ import json
 import threading
 
 import pytest
+from openai_server import FakeChatServer
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.evaluation.judges import fact_f1, parse_scores
 from mmkit.evaluation.llava_bench import LlavaBenchEvaluator
 from mmkit.evaluation.run import run_task
-from mmkit.synth.llava_bench import write_llava_bench
-from openai_server import FakeChatServer
+from mmkit.synth.llava_bench_questions import write_llava_bench
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from mmkit.evaluation.synthetic import ask_about
 from mmkit.synth.world import generate_scenes, render
 
@@ -130,13 +130,13 @@ def _visual(doc: dict):
 
 
 def _prompt(doc: dict):
-    from mmkit.evaluation.generation import Prompt
+    from mmkit.inference.generation import Prompt
 
     return Prompt([{"from": "human", "value": f"<image>\n{doc['question']}"}], _visual(doc)[0])
 
 
 def _mmkit_generator(run_dir: Path):
-    from mmkit.evaluation.run import build_generator
+    from mmkit.inference.from_run import build_generator
     from mmkit.models.load import load_run
 
     cfg, model = load_run(run_dir)

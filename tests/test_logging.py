@@ -6,8 +6,8 @@ import json
 import re
 
 import pytest
-
 from conftest import TINY_RUN, compose, run_cli
+
 from mmkit.models.build import build_model
 from mmkit.training.recipe import run_stage
 

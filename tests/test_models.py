@@ -6,10 +6,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.models.decoders.base import IMAGE_TOKEN
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.core.registry import CONNECTORS, DECODERS, ENCODERS, load_components
 from mmkit.models.hub import resolve_model_path
-from mmkit.registry import CONNECTORS, DECODERS, ENCODERS, load_components
 
 load_components()
 

@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import compose, save_random_llama
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmkit.core.errors import ConfigError
 from mmkit.data.collate import Collator, first_fit_decreasing
 from mmkit.data.samples import EncodedSample, SkippedSample
-from mmkit.data.templates.base import IGNORE_INDEX
-from mmkit.errors import ConfigError
+from mmkit.data.templates.template import IGNORE_INDEX
 from mmkit.models.decoders.packed_attention import sample_lengths
 from mmkit.training.throughput import FlopModel
-
-from conftest import compose, save_random_llama
 
 LENGTHS = [23, 5, 61, 14, 40, 9, 33]
 

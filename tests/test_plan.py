@@ -3,13 +3,12 @@ shipped in conf/hf_config."""
 from __future__ import annotations
 
 import pytest
-
-from conftest import compose
-from mmkit.errors import ConfigError
 import torch
+from conftest import compose
 
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import load_components
 from mmkit.planning.meta import parameter_count, shapes_only_model
-from mmkit.registry import load_components
 
 load_components()
 
@@ -55,6 +54,7 @@ import sys
 from pathlib import Path
 
 from conftest import run_cli
+
 from mmkit.planning.memory import Strategy, predict_memory, step_spec
 from mmkit.planning.timing import stage_samples, stage_time
 from mmkit.training.stages import configure_trainable
@@ -139,14 +139,10 @@ def test_a_plan_without_hardware_fails_in_one_line():
     (["trainer.devices=auto", "trainer.num_nodes=0"], "trainer.num_nodes"),
 ])
 def test_bad_plan_settings_are_named(overrides, message):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from mmkit.config import CONF_DIR, check_group_choices
+    from mmkit.core.config import check_group_choices, compose
     from mmkit.plan import plan
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name="plan", overrides=["experiment=llava_v1_5", *overrides])
+    cfg = compose(["experiment=llava_v1_5", *overrides], config_name="plan")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         plan(cfg)
     with pytest.raises(ConfigError, match="hardware=a100_41g: no such hardware config"):

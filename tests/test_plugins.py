@@ -8,14 +8,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_RUN, run_cli
 
 PLUGIN_MODULE = textwrap.dedent(
     """
     import torch
-    from mmkit.models.connectors.base import Connector
-    from mmkit.registry import CONNECTORS
+    from mmkit.models.connectors.connector import Connector
+    from mmkit.core.registry import CONNECTORS
 
 
     @CONNECTORS.register("scaled_linear")

@@ -9,10 +9,10 @@ from importlib.metadata import EntryPoint
 import pytest
 from torch import nn
 
-import mmkit.registry as registry_module
-from mmkit.errors import ConfigError
-from mmkit.models.connectors.base import Connector
-from mmkit.registry import CONNECTORS, ENCODERS, Registry, load_components
+import mmkit.core.registry as registry_module
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import CONNECTORS, ENCODERS, Registry, load_components
+from mmkit.models.connectors.connector import Connector
 
 load_components()
 
@@ -73,7 +73,7 @@ def test_failing_plugin_is_reported_by_name_and_others_load(tmp_path, monkeypatc
         textwrap.dedent(
             """
             from mmkit.models.connectors.linear import LinearConnector
-            from mmkit.registry import CONNECTORS
+            from mmkit.core.registry import CONNECTORS
 
             @CONNECTORS.register("good_plugin_linear")
             class GoodPluginLinear(LinearConnector):

@@ -6,8 +6,8 @@ import json
 import statistics
 
 import pytest
-
 from conftest import TINY_RUN, run_cli
+
 from mmkit.report import main
 
 

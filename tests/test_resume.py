@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import REPO, TINY_RUN, run_cli
+from safetensors.torch import load_file
 
 RUN = [o for o in TINY_RUN if not o.startswith("evaluation.")] + [
     "evaluation=none",
@@ -120,7 +119,7 @@ def interrupted_run(folder: Path, config: dict, stamp: float) -> Path:
 
 
 def test_resume_finds_the_run_to_continue_or_names_what_stands_in_the_way(tmp_path):
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.training.resume import resolve_run_dir
 
     config = {"seed": 0, "connector": {"name": "mlp2x_gelu"}, "resume": None}
@@ -159,7 +158,7 @@ class NotPlainData:
 
 
 def test_a_checkpoint_round_trips_and_one_holding_code_is_not_unpickled(tmp_path, capsys):
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.training.resume import SafeCheckpointIO
 
     io = SafeCheckpointIO()

@@ -6,15 +6,20 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
+from mmkit.core.errors import ConfigError, DataError
 from mmkit.data.datasets.scienceqa import ScienceQADataset
-from mmkit.data.scienceqa import load_problems, parse_answer, prompt_text, target_text
-from mmkit.errors import ConfigError, DataError
+from mmkit.data.scienceqa_layout import (
+    load_problems,
+    parse_answer,
+    prompt_text,
+    target_text,
+)
 from mmkit.evaluation.run import run_task
 from mmkit.evaluation.scienceqa import ScienceQAEvaluator
-from mmkit.synth.scienceqa import write_scienceqa
+from mmkit.synth.scienceqa_questions import write_scienceqa
 
 # pid -> (subject, hint, has image, grade); answers are always option B (index 1) of three.
 FIXTURE = {

@@ -9,14 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from PIL import Image
-
 from conftest import REPO
+from PIL import Image
 
 sys.path.insert(0, str(REPO / "experiments" / "soak"))
 from serve_soak import data_url, huge_png_header, png, start_server  # noqa: E402  the soak's request builders
-from mmkit.evaluation.generation import Prompt, Sampling
-from mmkit.evaluation.run import build_generator
+
+from mmkit.inference.from_run import build_generator
+from mmkit.inference.generation import Prompt, Sampling
 from mmkit.serving.requests import Limits, RequestError, load_image_url
 from mmkit.synth.world import generate_scenes, render
 

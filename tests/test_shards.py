@@ -9,11 +9,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
-from mmkit.data.datasets.base import ShardSet
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
+from mmkit.data.datasets.dataset_source import ShardSet
 
 
 def _conversation(question: str, answer: str, image: bool = True) -> list[dict[str, str]]:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.synth.world import (
     BACKGROUNDS,
     COLOURS,

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 
-from mmkit.data.templates.base import IGNORE_INDEX, LLAVA_SYSTEM
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
+from mmkit.core.registry import TEMPLATES, load_components
+from mmkit.data.templates.template import IGNORE_INDEX, LLAVA_SYSTEM
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-from mmkit.registry import TEMPLATES, load_components
 
 load_components()
 NUM_IMAGE_TOKENS = 7
@@ -137,7 +137,7 @@ def test_a_format_whose_text_the_tokenizer_cannot_represent_is_refused_naming_th
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 
     for name in ("vicuna_v1", "llava_v0", "plain"):  # every built-in format with the zoo's byte-level BPE

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_RUN, compose
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import TINY_RUN, compose
 from mmkit.data.shards import convert_llava_json
 from mmkit.models.build import build_model
 from mmkit.training.recipe import _init_connector, run_stage
@@ -154,7 +154,7 @@ def test_fsdp_strategy_wraps_the_named_layers_of_the_built_model(tiny_model):
     from lightning.pytorch.strategies import FSDPStrategy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.training.trainer import build_strategy
 
     strategy = build_strategy(
@@ -170,7 +170,7 @@ def test_fsdp_strategy_wraps_the_named_layers_of_the_built_model(tiny_model):
 
 
 def test_too_many_skipped_samples_stop_the_stage_with_the_reasons_kept(tmp_path):
-    from mmkit.errors import DataError
+    from mmkit.core.errors import DataError
 
     json_path = _write_llava_folder(tmp_path / "raw", good=13)
     convert_llava_json(json_path, tmp_path / "raw" / "images", tmp_path / "shards", samples_per_shard=8, progress=False)
@@ -206,7 +206,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
 
 
 def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path):
-    from mmkit.errors import TrainingError
+    from mmkit.core.errors import TrainingError
 
     cfg = compose(TINY_RUN + ["recipe.stages.finetune.micro_batch_size=8", "recipe.stages.finetune.global_batch_size=8",
                               "guards.max_nonfinite_steps=3"])
@@ -218,7 +218,7 @@ def test_a_loss_that_stays_nonfinite_stops_the_run(tmp_path):
 
 
 def test_lora_without_a_stage_that_trains_the_decoder_is_refused_in_one_line():
-    from mmkit.errors import ConfigError
+    from mmkit.core.errors import ConfigError
     from mmkit.training.recipe import check_recipe
 
     with pytest.raises(ConfigError, match=r"decoder.lora.enabled=true, but no stage of the recipe trains the decoder"):
@@ -226,8 +226,8 @@ def test_lora_without_a_stage_that_trains_the_decoder_is_refused_in_one_line():
 
 
 def test_a_pickled_checkpoint_is_refused_not_unpickled(tmp_path, tiny_model):
-    from mmkit.errors import ConfigError
-    from mmkit.training.checkpoint import load_stage_weights
+    from mmkit.core.errors import ConfigError
+    from mmkit.models.checkpoint_io import load_stage_weights
 
     marker = tmp_path / "ran"
 

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from conftest import REPO
 from mmkit.synth.world import generate_scenes, render
 
 sys.path.insert(0, str(REPO / "experiments"))

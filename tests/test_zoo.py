@@ -5,13 +5,13 @@ import random
 
 import pytest
 import torch
+from conftest import run_cli
 from transformers import AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
-from conftest import run_cli
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
+from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.synth.world import describe, generate_scenes, object_signature, quadrant
 from mmkit.zoo import ensure_model, model_folder, quality
-from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.zoo.clip import hard_negative
 from mmkit.zoo.text import conversations_as_text
 

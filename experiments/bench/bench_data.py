@@ -142,12 +142,12 @@ def build_dataset(folder: Path, count: int, seed: int) -> tuple[list[dict[str, A
 
 
 def build_mmkit_loader(shard_dir: Path, tokenizer, args, workers: int):
+    from mmkit.core.interfaces import ImageStats
+    from mmkit.core.registry import TEMPLATES
     from mmkit.data.datamodule import ShardDataModule
-    from mmkit.data.datasets.base import DatasetSource, ShardSet
+    from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet
     from mmkit.data.images import ImageProcessor
     from mmkit.data.samples import SampleEncoder
-    from mmkit.models.encoders.base import ImageStats
-    from mmkit.registry import TEMPLATES
 
     class Shards(DatasetSource):
         def shard_set(self) -> ShardSet:
@@ -209,7 +209,7 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = LLAVA
 
 def llava_preprocess_v1(conversation: list[dict[str, str]], tokenizer) -> dict[str, torch.Tensor]:
     """LLaVA's ``preprocess_multimodal`` + ``preprocess_v1`` (conv_vicuna_v1, has_image=True) for one sample."""
-    from mmkit.data.templates.base import LLAVA_SYSTEM
+    from mmkit.data.templates.template import LLAVA_SYSTEM
 
     for turn in conversation:
         if "<image>" in turn["value"]:
@@ -337,10 +337,10 @@ def run_epoch(build: Callable[[], Any], count: Callable[[Any], tuple[int, int]],
 
 def stage_times(records, image_folder: Path, shard_samples: list[dict[str, Any]], tokenizer, args) -> dict[str, float]:
     """Milliseconds per sample of each side's image and text work, in-process, one thread."""
+    from mmkit.core.interfaces import ImageStats
+    from mmkit.core.registry import TEMPLATES
     from mmkit.data.images import ImageProcessor, decode_image_tensor
-    from mmkit.data.templates.base import LLAVA_SYSTEM  # noqa: F401  (import cost outside the timing)
-    from mmkit.models.encoders.base import ImageStats
-    from mmkit.registry import TEMPLATES
+    from mmkit.data.templates.template import LLAVA_SYSTEM  # noqa: F401  (import cost outside the timing)
 
     n = min(args.stages, len(records))
     processor = ImageProcessor(ImageStats(args.image_size, CLIP_MEAN, CLIP_STD), args.mode)
@@ -378,9 +378,9 @@ def stage_times(records, image_folder: Path, shard_samples: list[dict[str, Any]]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(1)  # in-process runs are per-worker figures, as each DataLoader worker is
+    from mmkit.core.registry import load_components
     from mmkit.data.shards import write_shards
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-    from mmkit.registry import load_components
 
     load_components()  # registers the templates (and imports timm etc.: seconds, kept out of the timings)
     tokenizer = prepare_tokenizer("zoo://tiny-tokenizer")

@@ -79,15 +79,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # --- building the model -------------------------------------------------------------------------
 
-def _compose(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-
-    from mmkit.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
 def build_run(root: Path, args: argparse.Namespace) -> Path:
     """A run folder of the default recipe (finetune stage only) over random towers of the given sizes."""
     from omegaconf import OmegaConf
@@ -99,9 +90,10 @@ def build_run(root: Path, args: argparse.Namespace) -> Path:
         LlamaForCausalLM,
     )
 
+    from mmkit.core.config import compose
     from mmkit.models.build import build_model
+    from mmkit.models.checkpoint_io import save_stage_weights
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-    from mmkit.training.checkpoint import save_stage_weights
 
     run = root / "run"
     torch.manual_seed(0)
@@ -125,7 +117,7 @@ def build_run(root: Path, args: argparse.Namespace) -> Path:
     LlamaForCausalLM(lm_config).save_pretrained(lm)
     tokenizer.save_pretrained(lm)
 
-    cfg = _compose([f"encoder.path={vision}", f"decoder.path={lm}", "evaluation=none"])
+    cfg = compose([f"encoder.path={vision}", f"decoder.path={lm}", "evaluation=none"])
     model = build_model(cfg)
     with torch.no_grad():
         for parameter in model.connector.parameters():
@@ -150,8 +142,8 @@ class MMKitSide:
     name = "mmkit"
 
     def __init__(self, run: Path, device: torch.device, new_tokens: int) -> None:
-        from mmkit.evaluation.generation import Sampling
-        from mmkit.evaluation.run import build_generator
+        from mmkit.inference.from_run import build_generator
+        from mmkit.inference.generation import Sampling
         from mmkit.models.load import load_run
 
         cfg, model = load_run(run)
@@ -160,7 +152,7 @@ class MMKitSide:
         self.new_tokens = new_tokens
 
     def prepare(self, questions: list[str], pictures: list) -> dict:
-        from mmkit.evaluation.generation import Prompt
+        from mmkit.inference.generation import Prompt
 
         prompts = [Prompt([{"from": "human", "value": f"<image>\n{q}"}], image) for q, image in zip(questions, pictures)]
         return self.generator._inputs(prompts, with_images=True)

@@ -51,14 +51,15 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Shape, llava_instruct_lengths, make_samples, markdown_table  # noqa: E402
 
+from mmkit.core.interfaces import ImageStats  # noqa: E402
+from mmkit.core.registry import CONNECTORS  # noqa: E402
 from mmkit.data.collate import Collator  # noqa: E402
 from mmkit.models.connectors import mlp  # noqa: E402, F401  registers mlp{N}x_gelu
-from mmkit.models.decoders.base import LanguageDecoder  # noqa: E402
 from mmkit.models.decoders.hf_causal_lm import HFCausalLM, prepare_tokenizer  # noqa: E402
-from mmkit.models.encoders.base import ImageStats, VisionEncoder  # noqa: E402
+from mmkit.models.decoders.language_decoder import LanguageDecoder  # noqa: E402
 from mmkit.models.encoders.hf_clip import HFCLIPEncoder  # noqa: E402
+from mmkit.models.encoders.vision_encoder import VisionEncoder  # noqa: E402
 from mmkit.models.vlm import VisionLanguageModel  # noqa: E402
-from mmkit.registry import CONNECTORS  # noqa: E402
 from mmkit.training.optimizer import build_adamw  # noqa: E402
 from mmkit.training.throughput import FlopModel, device_peak_tflops  # noqa: E402
 

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from mmkit.data.samples import EncodedSample  # noqa: E402
-from mmkit.data.templates.base import IGNORE_INDEX  # noqa: E402
+from mmkit.data.templates.template import IGNORE_INDEX  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,15 @@ class Shape:
 
 def build_random_vlm(folder: Path, shape: Shape, attention: str = "packed_sdpa", overrides: list[str] | None = None):
     """(cfg, model): mmkit's model over a random CLIP tower and a random Llama saved in ``folder``."""
-    from hydra import compose, initialize_config_dir
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
-    from mmkit.config import CONF_DIR
+    from mmkit.core.config import compose
     from mmkit.models.build import build_model
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 
@@ -71,14 +76,8 @@ def build_random_vlm(folder: Path, shape: Shape, attention: str = "packed_sdpa",
         )
     ).save_pretrained(language)
     tokenizer.save_pretrained(language)
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(
-            config_name="config",
-            overrides=[
-                "encoder=clip_vit_l14_336", f"encoder.path={vision}", f"decoder.path={language}",
-                f"decoder.attn_implementation={attention}", *(overrides or []),
-            ],
-        )
+    cfg = compose(["encoder=clip_vit_l14_336", f"encoder.path={vision}", f"decoder.path={language}",
+                   f"decoder.attn_implementation={attention}", *(overrides or [])])
     return cfg, build_model(cfg)
 
 

@@ -73,18 +73,15 @@ CASES = {
 
 
 def _config(case: Case):
-    from hydra import compose, initialize_config_dir
+    from mmkit.core.config import compose
 
-    from mmkit.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=case.overrides)
+    return compose(case.overrides)
 
 
 def predict(case: Case) -> dict:
+    from mmkit.core.registry import load_components
     from mmkit.planning.memory import predict_memory, step_spec, strategy_of
     from mmkit.planning.meta import shapes_only_model
-    from mmkit.registry import load_components
 
     load_components()
     cfg = _config(case)
@@ -99,10 +96,10 @@ def measure(case: Case, device: str) -> dict:
     import lightning as L
     import torch
 
+    from mmkit.core.registry import load_components
     from mmkit.models.build import as_dict
     from mmkit.planning.memory import step_spec, worst_case_batch
     from mmkit.planning.meta import shapes_only_model
-    from mmkit.registry import load_components
     from mmkit.training.module import LitVLM
     from mmkit.training.stages import configure_trainable
 

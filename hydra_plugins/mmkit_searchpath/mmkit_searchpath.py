@@ -9,7 +9,7 @@ from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 class MmkitPluginSearchPath(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        from mmkit.config import plugin_config_dirs
+        from mmkit.core.config import plugin_config_dirs
 
         for folder in plugin_config_dirs():
             search_path.append(provider="mmkit-plugin", path=f"file://{folder}")

@@ -13,9 +13,9 @@ from typing import Any, Sequence
 
 import torch
 
+from mmkit.core.errors import ConfigError
 from mmkit.data.samples import EncodedSample, SkippedSample
-from mmkit.data.templates.base import IGNORE_INDEX
-from mmkit.errors import ConfigError
+from mmkit.data.templates.template import IGNORE_INDEX
 
 BATCHING = ("pad", "group", "pack")
 

@@ -13,11 +13,11 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from mmkit.core.errors import DataError
 from mmkit.data.collate import Collator, StreamErrors, length_grouped
-from mmkit.data.datasets.base import DatasetSource, ShardSet
+from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet
 from mmkit.data.resumable import ResumableBatches
 from mmkit.data.samples import SampleEncoder
-from mmkit.errors import DataError
 
 
 class ShardDataModule(L.LightningDataModule):

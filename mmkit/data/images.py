@@ -22,8 +22,8 @@ from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as tvF
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.models.encoders.base import ImageStats
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.interfaces import ImageStats
 
 MODES = ("crop", "pad")
 JPEG_MAGIC = b"\xff\xd8\xff"

@@ -15,8 +15,8 @@ import time
 from itertools import islice
 from typing import Any, Callable, Iterator
 
-from mmkit.distributed import gather_objects, rank_and_world
-from mmkit.errors import ConfigError
+from mmkit.core.distributed import gather_objects, rank_and_world
+from mmkit.core.errors import ConfigError
 
 _END = object()
 # (epoch, batches of it already trained) -> the rest of the epoch's batches

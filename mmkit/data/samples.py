@@ -8,12 +8,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from mmkit.core.errors import DataError
+from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.data.images import ImageProcessor, decode_image_tensor
-from mmkit.data.llava_json import IMAGE_EXTENSIONS
-from mmkit.data.templates.base import IGNORE_INDEX, ConversationTemplate
-from mmkit.errors import DataError
-from mmkit.models.decoders.base import IMAGE_TOKEN
-
+from mmkit.data.llava_records import IMAGE_EXTENSIONS
+from mmkit.data.templates.template import IGNORE_INDEX, ConversationTemplate
 
 
 @dataclass

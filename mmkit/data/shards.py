@@ -22,8 +22,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mmkit.data.llava_json import IMAGE_EXTENSIONS, load_records, record_problem
-from mmkit.errors import MmkitError
+from mmkit.core.errors import MmkitError
+from mmkit.data.llava_records import IMAGE_EXTENSIONS, load_records, record_problem
 
 MANIFEST = "manifest.json"
 

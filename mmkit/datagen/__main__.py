@@ -36,7 +36,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, NoReturn
 
-from mmkit.errors import ConfigError, DataError, MmkitError
+from mmkit.core.atomic_io import write_text_atomically
+from mmkit.core.errors import ConfigError, DataError, MmkitError
 
 IDENTITY_FILE = "datagen.json"
 RECORDS_FILE = "records.jsonl"
@@ -86,12 +87,6 @@ def parse_options(pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-
-
 def _output_options(constructor: Any, options: dict[str, Any], operational: frozenset[str]) -> dict[str, Any]:
     """The options that decide what a teacher writes, defaults filled in (so ``turns=3`` given
     and ``turns`` left at its default of 3 are the same run), as plain JSON values."""
@@ -137,7 +132,7 @@ def check_identity(out: Path, identity: dict[str, Any]) -> bool:
             f"--out {out} has a {RECORDS_FILE} but no {IDENTITY_FILE}; it was not written by this command"
         )
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(identity, indent=1, sort_keys=True))
+    write_text_atomically(path, json.dumps(identity, indent=1, sort_keys=True))
     return False
 
 
@@ -187,7 +182,7 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
     close_group()
     clean = b"".join(raw + b"\n" for raw in kept)
     if clean != data:
-        _write_atomically(path, clean.decode("utf-8"))
+        write_text_atomically(path, clean.decode("utf-8"))
     return by_scene
 
 
@@ -206,9 +201,15 @@ def scene_lines(scene_id: str, records: list[dict[str, Any]]) -> str:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from mmkit.datagen.base import build_teacher
-    from mmkit.registry import TEACHERS, load_components
-    from mmkit.synth.llava_data import LLAVA_KEYS, image_name, save_image, scene_records, teach
+    from mmkit.core.registry import TEACHERS, load_components
+    from mmkit.datagen.teacher import build_teacher
+    from mmkit.synth.llava_data import (
+        LLAVA_KEYS,
+        image_name,
+        save_image,
+        scene_records,
+        teach,
+    )
     from mmkit.synth.world import generate_scenes
 
     if args.count < 1:
@@ -283,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
                 by_type[record["type"]] += 1
                 llava.append({key: record[key] for key in LLAVA_KEYS})
     json_path = out / f"{args.split}.json"
-    _write_atomically(json_path, json.dumps(llava))
+    write_text_atomically(json_path, json.dumps(llava))
 
     shard_note = "no shards (--no-shards)"
     if not args.no_shards:

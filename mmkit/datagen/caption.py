@@ -8,8 +8,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from mmkit.datagen.base import Teacher, Written, conversation
-from mmkit.registry import TEACHERS
+from mmkit.core.registry import TEACHERS
+from mmkit.datagen.teacher import Teacher, Written, conversation
 
 BRIEF_INSTRUCTIONS: tuple[str, ...] = (
     "Describe the image briefly.",

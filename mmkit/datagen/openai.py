@@ -1,6 +1,6 @@
 """A teacher that writes LLaVA's three response types through an OpenAI-compatible chat API.
 
-Any server that speaks ``POST {base_url}/chat/completions`` works (see :mod:`mmkit.llm_client`
+Any server that speaks ``POST {base_url}/chat/completions`` works (see :mod:`mmkit.core.llm_client`
 for retries, backoff and the reply cache); requests run on a thread pool of ``concurrency``.
 
 - Each (scene, response type) is one request built by :mod:`mmkit.datagen.prompts` from the
@@ -13,7 +13,11 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterable, Iterator, Sequence
 
-from mmkit.datagen.base import (
+from mmkit.core.llm_client import ChatClient
+from mmkit.core.registry import TEACHERS
+from mmkit.datagen.prompts import build_messages, parse_reply
+from mmkit.datagen.rules import DETAILED_INSTRUCTIONS
+from mmkit.datagen.teacher import (
     RESPONSE_TYPES,
     Failed,
     Teacher,
@@ -22,10 +26,6 @@ from mmkit.datagen.base import (
     conversation,
     response_types,
 )
-from mmkit.datagen.prompts import build_messages, parse_reply
-from mmkit.datagen.rules import DETAILED_INSTRUCTIONS
-from mmkit.llm_client import ChatClient
-from mmkit.registry import TEACHERS
 
 
 @TEACHERS.register("openai")
@@ -41,7 +41,7 @@ class OpenAITeacher(Teacher):
     )
 
     def __init__(self, types: str | Sequence[str] = RESPONSE_TYPES, **options: Any) -> None:
-        """``options``: those of :class:`mmkit.llm_client.ChatClient` (base_url, model,
+        """``options``: those of :class:`mmkit.core.llm_client.ChatClient` (base_url, model,
         api_key_env, temperature, max_tokens, concurrency, max_retries, backoff_s, timeout_s,
         cache_dir)."""
         self.types = response_types(types, key="teacher.types")

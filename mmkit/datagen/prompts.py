@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from mmkit.datagen.base import IMAGE_PLACEHOLDER, RESPONSE_TYPES, UnusableOutput
+from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, RESPONSE_TYPES, UnusableOutput
 
 _SHARED = (
     "You are a visual assistant describing a single image. You cannot see its pixels. Instead you "

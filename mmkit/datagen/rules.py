@@ -18,9 +18,15 @@ import random
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from mmkit.datagen.base import RESPONSE_TYPES, Teacher, Written, conversation, response_types
-from mmkit.errors import ConfigError
-from mmkit.registry import TEACHERS
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import TEACHERS
+from mmkit.datagen.teacher import (
+    RESPONSE_TYPES,
+    Teacher,
+    Written,
+    conversation,
+    response_types,
+)
 from mmkit.synth.world import (
     COLOURS,
     SHAPES,

@@ -12,9 +12,9 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from mmkit.errors import DataError
-from mmkit.evaluation.base import EvalItem
-from mmkit.evaluation.generation import AnswerGenerator
+from mmkit.core.errors import DataError
+from mmkit.evaluation.evaluator import EvalItem
+from mmkit.inference.generation import AnswerGenerator
 
 ANSWER_FILE = "answers.jsonl"
 

@@ -28,10 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.generation import Prompt
-from mmkit.registry import EVALUATORS
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.registry import EVALUATORS
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
+from mmkit.inference.generation import Prompt
 
 CATEGORIES = ("gender", "racial", "religious", "regional", "occupational")
 SHIPPED_PROBES = Path(__file__).resolve().parent / "probes" / "bias_probes.jsonl"
@@ -113,7 +113,7 @@ def parse_label(content: Any) -> Label | None:
 
 class OpenAIBiasJudge:
     def __init__(self, **options: Any) -> None:
-        from mmkit.llm_client import ChatClient
+        from mmkit.core.llm_client import ChatClient
 
         self.client = ChatClient.from_options(options, "task.judge", temperature=0.0, max_tokens=64)
         self.name = f"{self.client.model} at {self.client.base_url}"

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.evaluation.base import EvalItem, Evaluator
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.evaluation.evaluator import EvalItem, Evaluator
 
 METHODS = ("complement", "judge")
 CHOOSER_SYSTEM = "You compare two answers to the same question and pick the correct one. You are careful and brief."
@@ -76,7 +76,7 @@ def combine(
 def _judge_disputes(disputes, first, second, combined, counts, judge) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    from mmkit.llm_client import ChatClient
+    from mmkit.core.llm_client import ChatClient
 
     options = dict(judge or {})
     if not options.get("model"):

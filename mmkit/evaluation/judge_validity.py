@@ -18,14 +18,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mmkit.data.datasets.base import given_or_built
-from mmkit.errors import DataError
-from mmkit.evaluation.base import EvalItem, EvaluationResult
+from mmkit.core.errors import DataError
+from mmkit.core.registry import EVALUATORS
+from mmkit.data.datasets.dataset_source import given_or_built
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult
+from mmkit.evaluation.judge_agreement import judge_items, summarise
 from mmkit.evaluation.judges import NUMBER_WORDS, Review, fact_f1, facts
-from mmkit.evaluation.judging import judge_items, summarise
 from mmkit.evaluation.llava_bench import LlavaBenchEvaluator
-from mmkit.registry import EVALUATORS
-from mmkit.synth.llava_bench import synthetic_llava_bench_dir
+from mmkit.synth.llava_bench_questions import synthetic_llava_bench_dir
 from mmkit.synth.world import COLOURS, SHAPES, SIZES
 
 _OPPOSITES = {"yes": "no", "no": "yes", "left": "right", "right": "left", "top": "bottom", "bottom": "top",

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from mmkit.errors import DataError
-from mmkit.registry import JUDGES
+from mmkit.core.errors import DataError
+from mmkit.core.registry import JUDGES
 from mmkit.synth.world import COLOURS, SHAPES, SIZES
 
 Scores = tuple[float, float]  # (reference, candidate)
@@ -103,9 +103,9 @@ def review_messages(review: Review) -> list[dict[str, str]]:
 @JUDGES.register("openai")
 class OpenAIJudge(Judge):
     def __init__(self, **options: Any) -> None:
-        """Options of :class:`mmkit.llm_client.ChatClient` (base_url, model, api_key_env, ...);
+        """Options of :class:`mmkit.core.llm_client.ChatClient` (base_url, model, api_key_env, ...);
         a judge samples at temperature 0.2 unless told otherwise, as LLaVA's reviews did."""
-        from mmkit.llm_client import ChatClient
+        from mmkit.core.llm_client import ChatClient
 
         self.client = ChatClient.from_options(options, "task.judge", temperature=0.2, max_tokens=512)
         self.name = f"{self.client.model} at {self.client.base_url}"

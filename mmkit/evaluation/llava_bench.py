@@ -16,14 +16,19 @@ import statistics
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.data.datasets.base import given_or_built
-from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.generation import Prompt
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.registry import EVALUATORS
+from mmkit.data.datasets.dataset_source import given_or_built
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
+from mmkit.evaluation.judge_agreement import (
+    agreement,
+    build_judges,
+    judge_items,
+    summarise,
+)
 from mmkit.evaluation.judges import Judge, Review
-from mmkit.evaluation.judging import agreement, build_judges, judge_items, summarise
-from mmkit.synth.llava_bench import synthetic_llava_bench_dir
-from mmkit.registry import EVALUATORS
+from mmkit.inference.generation import Prompt
+from mmkit.synth.llava_bench_questions import synthetic_llava_bench_dir
 
 CATEGORIES = ("conv", "detail", "complex")
 logger = logging.getLogger(__name__)

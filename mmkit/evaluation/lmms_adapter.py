@@ -4,7 +4,7 @@
 
 mmkit's package metadata registers :func:`manifest` in lmms-eval's ``lmms_eval.models`` entry-point
 group, so the harness finds the ``mmkit`` model without a fork or a converted checkpoint. Answers
-come from the same :class:`~mmkit.evaluation.generation.AnswerGenerator` as ``python -m
+come from the same :class:`~mmkit.inference.generation.AnswerGenerator` as ``python -m
 mmkit.evaluate``: the run's own conversation template and image processing, greedy decoding unless a task asks to sample.
 """
 from __future__ import annotations
@@ -16,11 +16,12 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
-from mmkit.models.decoders.base import IMAGE_TOKEN
-from mmkit.errors import ConfigError
-from mmkit.evaluation.generation import Prompt, Sampling
-from mmkit.evaluation.run import build_generator
+from mmkit.core.errors import ConfigError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.inference.from_run import build_generator
+from mmkit.inference.generation import Prompt, Sampling
 from mmkit.models.load import load_run
+
 
 def manifest() -> Any:
     """What the ``lmms_eval.models`` entry point hands the harness (a ``ModelManifest``)."""

@@ -7,32 +7,19 @@ from typing import Any, Sequence
 
 from omegaconf import DictConfig
 
-from mmkit.data.images import ImageProcessor
+from mmkit.core.registry import DATASETS, EVALUATORS, load_components
 from mmkit.evaluation.answers import ANSWER_FILE, answer_items, read_answers
-from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.generation import AnswerGenerator
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
+from mmkit.inference.from_run import build_generator
+from mmkit.inference.generation import AnswerGenerator
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import DATASETS, EVALUATORS, TEMPLATES, load_components
 
 
 def check_evaluation(cfg: DictConfig) -> None:
     load_components()
     for task, node in cfg.evaluation.tasks.items():
         EVALUATORS.get(node.name, key=f"evaluation.tasks.{task}.name")
-
-
-def build_generator(
-    cfg: DictConfig, model: VisionLanguageModel, batch_size: int, max_new_tokens: int
-) -> AnswerGenerator:
-    """Answers prompted with the template and image processing the model was trained with."""
-    return AnswerGenerator(
-        model.eval(),
-        TEMPLATES.build(as_dict(cfg.template), "template"),
-        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-    )
 
 
 def run_task(

@@ -10,12 +10,20 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Mapping, Sequence
 
-from mmkit.data.scienceqa import OPTION_LETTERS, PARSE_MODES, load_problems, image_path, parse_answer, prompt_text, split_format
-from mmkit.data.datasets.base import given_or_built
-from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.generation import Prompt
-from mmkit.synth.scienceqa import synthetic_scienceqa_dir
-from mmkit.registry import EVALUATORS
+from mmkit.core.registry import EVALUATORS
+from mmkit.data.datasets.dataset_source import given_or_built
+from mmkit.data.scienceqa_layout import (
+    OPTION_LETTERS,
+    PARSE_MODES,
+    image_path,
+    load_problems,
+    parse_answer,
+    prompt_text,
+    split_format,
+)
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
+from mmkit.inference.generation import Prompt
+from mmkit.synth.scienceqa_questions import synthetic_scienceqa_dir
 
 COLUMNS = ("NAT", "SOC", "LAN", "TXT", "IMG", "NO", "G1_6", "G7_12")
 # LLaVA's --single-pred-prompt suffix, for models trained to answer with the letter alone.

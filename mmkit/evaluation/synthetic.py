@@ -14,10 +14,10 @@ from typing import Mapping, Sequence
 
 from torchmetrics.aggregation import MeanMetric
 
+from mmkit.core.registry import EVALUATORS
 from mmkit.datagen.rules import QUESTION_KINDS, ask
-from mmkit.evaluation.base import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.generation import Prompt
-from mmkit.registry import EVALUATORS
+from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
+from mmkit.inference.generation import Prompt
 from mmkit.synth.world import Scene, generate_scenes, render
 
 

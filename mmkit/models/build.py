@@ -5,8 +5,8 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from mmkit.core.registry import CONNECTORS, DECODERS, ENCODERS, load_components
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import CONNECTORS, DECODERS, ENCODERS, load_components
 
 
 def as_dict(node: Any) -> dict[str, Any]:

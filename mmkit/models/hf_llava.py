@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmkit.errors import ConfigError
+from mmkit.core.config import compose
+from mmkit.core.errors import ConfigError
 from mmkit.models.vlm import VisionLanguageModel
 
 SELECT_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
@@ -79,8 +80,8 @@ def hf_processor(cfg: DictConfig, model: VisionLanguageModel) -> Any:
     """A ``LlavaProcessor`` that prepares images and prompts the way this run was trained."""
     from transformers import LlavaImageProcessor, LlavaProcessor
 
+    from mmkit.core.registry import TEMPLATES
     from mmkit.models.build import as_dict
-    from mmkit.registry import TEMPLATES
 
     stats = model.encoder.image_stats
     image_processor = LlavaImageProcessor(
@@ -134,9 +135,15 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
     """``python -m mmkit.export from-hf``: an HF Llava folder -> an mmkit run folder that
     ``model=OUT`` commands load, with the towers saved as ``OUT/vision_tower`` and
     ``OUT/language_model``. Returns the ``python -m mmkit.train`` overrides that train on from it."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor, CLIPImageProcessor, LlavaForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoProcessor,
+        CLIPImageProcessor,
+        LlavaForConditionalGeneration,
+    )
 
-    from mmkit.training.checkpoint import save_stage_weights
+    from mmkit.models.checkpoint_io import save_stage_weights
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(hf_dir)
@@ -171,7 +178,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
 
     overrides = _imported_overrides(config, image_processor, vision_dir, language_dir)
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(_compose([*overrides, "evaluation=none"]), out / ".hydra" / "config.yaml")
+    OmegaConf.save(compose([*overrides, "evaluation=none"]), out / ".hydra" / "config.yaml")
     weights = (out / IMPORTED_STAGE / "trainable.safetensors").resolve()
     return [*overrides, f"recipe.stages.{IMPORTED_STAGE}.connector_from={weights}"]
 
@@ -207,12 +214,3 @@ def _imported_overrides(config: Any, image_processor: Any, vision_dir: Path, lan
         f"decoder.model_max_length={config.text_config.max_position_embeddings}",
         f"data.image_mode={'pad' if getattr(image_processor, 'do_pad', False) else 'crop'}",
     ]
-
-
-def _compose(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    from mmkit.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)

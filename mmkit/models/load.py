@@ -6,10 +6,10 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.models.build import build_model
+from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.training.checkpoint import WEIGHTS, load_stage_weights
 
 
 def load_run(run: str | Path) -> tuple[DictConfig, VisionLanguageModel]:

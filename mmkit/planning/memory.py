@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.optimizer import build_adamw
 from mmkit.training.stages import configure_trainable

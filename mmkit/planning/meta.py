@@ -12,12 +12,12 @@ import torch
 import yaml
 from omegaconf import DictConfig
 
-from mmkit.config import CONF_DIR
-from mmkit.errors import ConfigError
+from mmkit.core.config import CONF_DIR
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import CONNECTORS
 from mmkit.models.build import as_dict
-from mmkit.models.hub import ZOO_SCHEME
+ZOO_SCHEME = "zoo://"
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import CONNECTORS
 
 HF_CONFIG_DIR = CONF_DIR / "hf_config"
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.throughput import FlopModel
 

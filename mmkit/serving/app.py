@@ -9,11 +9,11 @@ import json
 import logging
 import time
 import uuid
-from importlib import resources
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
 from typing import Any
 
-from mmkit.evaluation.generation import Reply, Sampling
+from mmkit.inference.generation import Reply, Sampling
 from mmkit.serving.batcher import Batcher
 from mmkit.serving.requests import ChatRequest, Limits, RequestError, parse_chat_request
 

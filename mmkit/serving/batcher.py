@@ -10,7 +10,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
-from mmkit.evaluation.generation import AnswerGenerator, Prompt, Reply, Sampling
+from mmkit.inference.generation import AnswerGenerator, Prompt, Reply, Sampling
 
 _DONE = object()
 

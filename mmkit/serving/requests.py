@@ -16,9 +16,9 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from mmkit.errors import DataError
-from mmkit.evaluation.generation import Prompt, Sampling
-from mmkit.models.decoders.base import IMAGE_TOKEN
+from mmkit.core.errors import DataError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.inference.generation import Prompt, Sampling
 
 ROLES = {"user": "human", "assistant": "gpt"}
 

@@ -1,7 +1,7 @@
 """The synthetic world written out as LLaVA data: an image folder plus ``<split>.json``.
 
 Built-in teachers are registered by importing them here; a plugin's teacher must be loaded by
-the caller first (``mmkit.registry.load_components``).
+the caller first (``mmkit.core.registry.load_components``).
 
 :func:`teach` is the one loop every writer shares (this module's :func:`write_llava_dataset`
 and ``python -m mmkit.datagen``): scenes in, each scene's typed conversations out, through the
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import random
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
@@ -25,8 +23,15 @@ from tqdm import tqdm
 import mmkit.datagen.caption  # noqa: F401  (registers the "caption" teacher)
 import mmkit.datagen.openai  # noqa: F401  (registers the "openai" teacher)
 import mmkit.datagen.rules  # noqa: F401  (registers the "rules" teacher)
-from mmkit.datagen.base import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher
-from mmkit.registry import TEACHERS
+from mmkit.core.atomic_io import atomic_path
+from mmkit.core.registry import TEACHERS
+from mmkit.datagen.teacher import (
+    IMAGE_PLACEHOLDER,
+    Failed,
+    Teacher,
+    Written,
+    build_teacher,
+)
 from mmkit.synth.world import Scene, generate_scenes, render, symbolic_view
 
 # The keys of a record in LLaVA's JSON format.
@@ -78,14 +83,8 @@ def llava_record(record: dict[str, Any]) -> dict[str, Any]:
 def save_image(scene: Scene, image_dir: Path, resolution: int) -> Path:
     """Render ``scene`` into ``image_dir`` (atomically: a killed run never leaves half a PNG)."""
     path = image_dir / image_name(scene)
-    handle, temporary = tempfile.mkstemp(dir=image_dir, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            render(scene, resolution).save(out, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        render(scene, resolution).save(temporary, format="PNG")
     return path
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Sequence
 
 from PIL import Image, ImageDraw
 
-from mmkit.errors import ConfigError, DataError
+from mmkit.core.errors import ConfigError, DataError
 
 Box = tuple[float, float, float, float]
 RGB = tuple[int, int, int]

@@ -8,19 +8,11 @@ from typing import Any
 import lightning as L
 import torch
 
-from mmkit.distributed import gather_objects
-from mmkit.errors import ConfigError, DataError, TrainingError
+from mmkit.core.distributed import gather_objects
+from mmkit.core.errors import ConfigError, DataError, TrainingError
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.training.optimizer import build_adamw
+from mmkit.training.optimizer import build_adamw, warmup_cosine
 from mmkit.training.resume import restore_rng_states, rng_states
-
-
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
-    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` (LLaVA's schedule)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class LitVLM(L.LightningModule):

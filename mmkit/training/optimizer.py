@@ -1,6 +1,7 @@
-"""The AdamW that every stage trains with, from a stage's ``optimizer`` config block."""
+"""The AdamW that every stage trains with, from a stage's ``optimizer`` config block, and its schedule."""
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -23,3 +24,11 @@ def build_adamw(parameters: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]
         eps=float(cfg.get("eps", 1e-8)),
         fused=bool(fused),
     )
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to ``min_ratio`` (LLaVA's schedule)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -14,21 +14,27 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from mmkit.core.atomic_io import write_text_atomically
+from mmkit.core.distributed import gather_objects
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import DATASETS, EVALUATORS, TEMPLATES
+from mmkit.core.schema import check_ranges
 from mmkit.data.datamodule import ShardDataModule
 from mmkit.data.images import ImageProcessor
 from mmkit.data.samples import SampleEncoder
-from mmkit.distributed import gather_objects
-from mmkit.errors import ConfigError
-from mmkit.evaluation.run import build_generator
+from mmkit.inference.from_run import build_generator
 from mmkit.models.build import as_dict, build_model, check_component_names
+from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.registry import DATASETS, EVALUATORS, TEMPLATES
-from mmkit.schema import check_ranges
-from mmkit.training.checkpoint import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.training.module import LitVLM
-from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint, write_atomically
-from mmkit.training.stages import configure_trainable, count_parameters
+from mmkit.training.resume import (
+    CHECKPOINTS,
+    STAGE_DONE,
+    checkpoint_callback,
+    latest_checkpoint,
+)
 from mmkit.training.sample_answers import SampleAnswers
+from mmkit.training.stages import configure_trainable, count_parameters
 from mmkit.training.throughput import FlopModel, ThroughputMonitor
 from mmkit.training.trainer import build_trainer, finish_loggers
 
@@ -231,7 +237,7 @@ def run_stage(
     if trainer.is_global_zero:
         save_stage_weights(state, trainable_names, stage_dir, meta={"stage": name, "trained": list(stage.train)})
         _write_skipped(stage_dir / "skipped.jsonl", skipped)
-        write_atomically(stage_dir / STAGE_DONE, json.dumps(summary, indent=2))
+        write_text_atomically(stage_dir / STAGE_DONE, json.dumps(summary, indent=2))
         if not cfg.checkpoint.keep_after_stage:
             shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():

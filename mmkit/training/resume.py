@@ -23,7 +23,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file, save_file
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 CHECKPOINTS = "checkpoints"
 STAGE_DONE = "stage.json"  # a finished stage's summary; a resumed recipe does not run that stage again
@@ -87,12 +87,6 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
     """The newest whole checkpoint of a stage (a ``.partial`` folder was cut off mid-write)."""
     folders = [p for p in (stage_dir / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
     return max(folders, key=lambda p: p.name) if folders else None
-
-
-def write_atomically(path: Path, text: str) -> None:
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(text)
-    os.replace(partial, path)
 
 
 def rng_states() -> dict[str, Any]:

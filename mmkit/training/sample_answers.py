@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 import lightning as L
 import torch
 
-from mmkit.evaluation.base import EvalItem, Evaluator
-from mmkit.evaluation.generation import AnswerGenerator
+from mmkit.evaluation.evaluator import EvalItem, Evaluator
+from mmkit.inference.generation import AnswerGenerator
 
 MARKDOWN = "sample_answers.md"
 IMAGES = "sample_answers"

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.models.vlm import VisionLanguageModel
 
 TRAINABLE_PARTS = ("encoder", "connector", "decoder")

@@ -9,7 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 from mmkit.training.resume import SafeCheckpointIO
 
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from mmkit.errors import MmkitError
+from mmkit.core.errors import MmkitError
 from mmkit.zoo import ensure_model, model_folder, names, quality
 
 

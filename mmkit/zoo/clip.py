@@ -18,9 +18,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmkit.synth.world import COLOURS, SHAPES, Scene, SceneObject, captions, describe, generate_scenes, render
-from mmkit.training.module import warmup_cosine
-from mmkit.zoo import ensure_model, scaled, write_quality
+from mmkit.synth.world import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    captions,
+    describe,
+    generate_scenes,
+    render,
+)
+from mmkit.training.optimizer import warmup_cosine
+from mmkit.zoo.scale import scaled, write_quality
 
 # 32-pixel patches on 64-pixel images: one patch per image quadrant, where the world puts at most
 # one object, so each image token sees whole objects (4 image tokens instead of 64).
@@ -126,10 +135,16 @@ def _retrieval_accuracy(model, tokenizer, scenes: list[Scene], rng: random.Rando
     return float(((image @ text.T).argmax(dim=1) == torch.arange(len(scenes))).float().mean())
 
 
-def build_tiny_clip(out: Path) -> None:
-    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
+def build_tiny_clip(out: Path, tokenizer_folder: Path) -> None:
+    from transformers import (
+        AutoTokenizer,
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionModel,
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     torch.manual_seed(0)
     text_config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=WIDTH, intermediate_size=4 * WIDTH, num_hidden_layers=2,

@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mmkit.training.module import warmup_cosine
-
-from mmkit.zoo import ensure_model, scaled, write_quality
+from mmkit.training.optimizer import warmup_cosine
+from mmkit.zoo.scale import scaled, write_quality
 from mmkit.zoo.text import conversations_as_text
 
 # (width, layers, heads): the default, and a larger one (about twice the parameters, as 13B is to
@@ -54,8 +53,8 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     every object's place) as text in place of the image: can it look the answer up in its prompt?
     A VLM built on this LM can only do as well once image tokens stand in for the caption."""
     from mmkit.data.templates.vicuna_v1 import VicunaV1Template
-    from mmkit.evaluation.synthetic import ask_about, normalise
     from mmkit.datagen.rules import QUESTION_KINDS
+    from mmkit.evaluation.synthetic import ask_about, normalise
     from mmkit.synth.world import captions, generate_scenes
 
     template = VicunaV1Template()
@@ -84,10 +83,10 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}
 
 
-def build_tiny_llama(out: Path, size: str = "tiny-llama") -> None:
+def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama") -> None:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     train = _encode_all(tokenizer, conversations_as_text("train", scaled(4000), seed=11))
     val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11))
     steps = scaled(STEPS)

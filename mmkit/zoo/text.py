@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from mmkit.data.templates.base import LLAVA_SYSTEM
+from mmkit.data.templates.template import LLAVA_SYSTEM
 from mmkit.synth.llava_data import write_text_corpus
 
 # Tokenizer ids: eos must not be id 2, which CLIP's text tower treats as "pool at the largest id".
@@ -18,7 +18,7 @@ def build_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from mmkit.zoo import scaled
+    from mmkit.zoo.scale import scaled
 
     corpus = write_text_corpus(count=scaled(3000), seed=0) + [LLAVA_SYSTEM, "USER: ASSISTANT: ###Human: ###Assistant:"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -43,7 +43,7 @@ def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]
     look things up in its prompt (as Vicuna can before LLaVA's stages). The rest carry no context
     at all, so the LM also knows the world's priors and the replies' wording.
     """
-    from mmkit.datagen.base import build_teacher
+    from mmkit.datagen.teacher import build_teacher
     from mmkit.synth.llava_data import scene_rng
     from mmkit.synth.world import generate_scenes, symbolic_view
 

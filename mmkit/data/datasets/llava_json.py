@@ -3,9 +3,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder
+from mmkit.core.cache import build_once, cache_folder
+from mmkit.core.registry import DATASETS
+from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet
 from mmkit.data.shards import convert_llava_json
-from mmkit.registry import DATASETS
 
 
 @DATASETS.register("llava_json")

@@ -5,11 +5,17 @@ import json
 import shutil
 from pathlib import Path
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder, given_or_built
-from mmkit.data.scienceqa import image_path, llava_record, load_problems, split_format
+from mmkit.core.cache import build_once, cache_folder
+from mmkit.core.registry import DATASETS
+from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet, given_or_built
+from mmkit.data.scienceqa_layout import (
+    image_path,
+    llava_record,
+    load_problems,
+    split_format,
+)
 from mmkit.data.shards import convert_llava_json
-from mmkit.registry import DATASETS
-from mmkit.synth.scienceqa import synthetic_scienceqa_dir
+from mmkit.synth.scienceqa_questions import synthetic_scienceqa_dir
 
 
 def write_llava_json(data_dir: Path, split: str, prompt_format: str, out: Path) -> tuple[Path, Path]:

@@ -5,8 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, teacher_record
-from mmkit.registry import DATASETS
+from mmkit.core.registry import DATASETS
+from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet, teacher_record
 
 
 @DATASETS.register("shards")

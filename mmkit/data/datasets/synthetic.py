@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmkit.data.datasets.base import DatasetSource, ShardSet, build_once, cache_folder, teacher_record
+from mmkit.core.cache import build_once, cache_folder
+from mmkit.core.registry import DATASETS
+from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet, teacher_record
 from mmkit.data.shards import convert_llava_json
-from mmkit.registry import DATASETS
 
 # Bump when the world or the teachers change what they write, so stale caches are not reused.
 SYNTH_DATA_VERSION = 1

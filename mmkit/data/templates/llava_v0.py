@@ -1,8 +1,8 @@
 """The original LLaVA format with ``###`` separators: ``SYSTEM###Human: ...###Assistant: ...###``."""
 from __future__ import annotations
 
-from mmkit.data.templates.base import ChatTemplate
-from mmkit.registry import TEMPLATES
+from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.template import ChatTemplate
 
 
 @TEMPLATES.register("llava_v0")

@@ -1,9 +1,9 @@
 """LLaVA's stage-1 format: the image, then the caption; the instruction is dropped."""
 from __future__ import annotations
 
-from mmkit.data.templates.base import ConversationTemplate, Segment
-from mmkit.models.decoders.base import IMAGE_TOKEN
-from mmkit.registry import TEMPLATES
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.template import ConversationTemplate, Segment
 
 
 @TEMPLATES.register("plain")

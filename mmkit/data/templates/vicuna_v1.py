@@ -1,8 +1,8 @@
 """LLaVA v1 / v1.5: ``SYSTEM USER: ... ASSISTANT: ...</s>USER: ...`` (Vicuna v1 style)."""
 from __future__ import annotations
 
-from mmkit.data.templates.base import ChatTemplate
-from mmkit.registry import TEMPLATES
+from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.template import ChatTemplate
 
 
 @TEMPLATES.register("vicuna_v1")

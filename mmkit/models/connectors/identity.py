@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from mmkit.errors import ConfigError
-from mmkit.models.connectors.base import Connector
-from mmkit.registry import CONNECTORS
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import CONNECTORS
+from mmkit.models.connectors.connector import Connector
 
 
 @CONNECTORS.register("identity")

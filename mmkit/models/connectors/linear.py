@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmkit.models.connectors.base import Connector
-from mmkit.registry import CONNECTORS
+from mmkit.core.registry import CONNECTORS
+from mmkit.models.connectors.connector import Connector
 
 
 @CONNECTORS.register("linear")

@@ -5,13 +5,20 @@ import copy
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.core.registry import DECODERS
 from mmkit.models.decoders import packed_attention  # noqa: F401  registers attn_implementation=packed_sdpa
-from mmkit.models.decoders.base import IMAGE_TOKEN, LanguageDecoder
+from mmkit.models.decoders.language_decoder import LanguageDecoder
 from mmkit.models.hub import resolve_model_path
-from mmkit.registry import DECODERS
 
 
 def prepare_tokenizer(path: str, model_max_length: int | None = None) -> PreTrainedTokenizerBase:

@@ -5,9 +5,10 @@ import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from mmkit.models.encoders.base import ImageStats, VisionEncoder
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import ENCODERS
+from mmkit.models.encoders.vision_encoder import VisionEncoder
 from mmkit.models.hub import resolve_model_path
-from mmkit.registry import ENCODERS
 
 
 @ENCODERS.register("hf_clip")

@@ -5,9 +5,10 @@ from typing import Any
 
 import torch
 
-from mmkit.errors import ConfigError
-from mmkit.models.encoders.base import ImageStats, VisionEncoder
-from mmkit.registry import ENCODERS
+from mmkit.core.errors import ConfigError
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import ENCODERS
+from mmkit.models.encoders.vision_encoder import VisionEncoder
 
 
 @ENCODERS.register("timm_vit")

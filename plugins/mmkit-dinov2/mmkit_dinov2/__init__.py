@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import ENCODERS
 from mmkit.models.encoders.timm_vit import TimmViTEncoder
-from mmkit.registry import ENCODERS
 
 SIZES = ("small", "base", "large", "giant")
 NUM_REGISTERS = 4

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mmkit.errors import ConfigError
-from mmkit.registry import ENCODERS, load_components
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import ENCODERS, load_components
 
 
 @pytest.fixture(scope="module")

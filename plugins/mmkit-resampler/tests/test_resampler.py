@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from mmkit.errors import ConfigError
-from mmkit.registry import CONNECTORS, load_components
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import CONNECTORS, load_components
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,12 @@ llama.cpp server, mmkit's own ``mmkit.serve``. Only the standard library is used
 from __future__ import annotations
 
 import hashlib
-import inspect
 import http.client
+import inspect
 import json
 import os
 import random
 import socket
-import tempfile
 import threading
 import time
 import urllib.error
@@ -28,7 +27,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from mmkit.errors import ConfigError, DataError
+from mmkit.core.atomic_io import write_text_atomically
+from mmkit.core.errors import ConfigError, DataError
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 # Longest wait a server's Retry-After may impose on one retry.
@@ -83,7 +83,7 @@ class ChatClient:
         self.timeout_s = self._number("timeout_s", timeout_s, float, minimum=1e-3)
         self.api_key = self._api_key(api_key_env)
         if cache_dir is None:
-            from mmkit.data.datasets.base import mmkit_home
+            from mmkit.core.cache import mmkit_home
 
             cache_dir = mmkit_home() / "llm_cache"
         self.cache_dir = Path(cache_dir)
@@ -142,7 +142,7 @@ class ChatClient:
         for _ in range(self.max_retries + 1):
             reply = self._request(messages)
             if accept is None or accept(reply):
-                _write_atomically(path, json.dumps(reply, ensure_ascii=False))
+                write_text_atomically(path, json.dumps(reply, ensure_ascii=False))
                 return reply
         raise DataError(
             f"request to {self.url}: {self.max_retries + 1} replies in a row were unusable; "
@@ -245,16 +245,3 @@ def _retry_after(headers: Any) -> float | None:
     except (TypeError, ValueError, AttributeError):
         return None
     return value if value >= 0 else None
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path`` and rename it: readers see all or nothing."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mmkit.errors import DataError
+from mmkit.core.errors import DataError
 
 # Image members a shard sample may carry, by file extension.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")

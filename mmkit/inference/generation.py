@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from mmkit.core.errors import ConfigError, DataError
 from mmkit.data.images import ImageProcessor
-from mmkit.data.templates.base import ConversationTemplate
-from mmkit.errors import ConfigError, DataError
+from mmkit.data.templates.template import ConversationTemplate
 from mmkit.models.vlm import VisionLanguageModel
 
 

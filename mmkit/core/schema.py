@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 SCHEMA = "mmkit_schema"
 

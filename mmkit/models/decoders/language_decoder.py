@@ -5,9 +5,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from mmkit.registry import DECODERS
-
-IMAGE_TOKEN = "<image>"
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.core.registry import DECODERS
 
 
 class LanguageDecoder(nn.Module):

@@ -12,9 +12,9 @@ from typing import Sequence
 
 from transformers import PreTrainedTokenizerBase
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.models.decoders.base import IMAGE_TOKEN
-from mmkit.registry import TEMPLATES
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.interfaces import IMAGE_TOKEN
+from mmkit.core.registry import TEMPLATES
 
 IGNORE_INDEX = -100
 HUMAN, ASSISTANT = "human", "gpt"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmkit.errors import ConfigError, DataError
+from mmkit.core.errors import ConfigError, DataError
 
 OPTION_LETTERS = "ABCDE"
 INPUT_FORMATS = ("CQM", "QCM")

@@ -4,13 +4,18 @@ from __future__ import annotations
 import difflib
 import importlib.util
 from pathlib import Path
+from typing import Sequence
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from mmkit.errors import ConfigError
-from mmkit.registry import plugin_entry_points
-from mmkit.schema import register as register_schema
+from mmkit.core.errors import ConfigError
+from mmkit.core.registry import plugin_entry_points
+from mmkit.core.schema import register as register_schema
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 register_schema()  # conf/config.yaml's defaults start with it, so it must exist before any compose
@@ -70,12 +75,20 @@ def _one_line(error: BaseException) -> str:
     return f"{key}: {message}" if key else message
 
 
+def compose(overrides: Sequence[str] = (), config_name: str = "config", return_hydra_config: bool = False,
+            check_choices: bool = True) -> DictConfig:
+    """The config ``python -m mmkit.<config_name> OVERRIDES`` would run, without running it: the one
+    way every entry point that is not a Hydra app (export, data checks, cluster plans, benchmarks,
+    tests) reads mmkit's configs. A bad group choice fails with one line first."""
+    if check_choices:
+        check_group_choices(list(overrides))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
+
+
 def check_composition(config_name: str, overrides: list[str]) -> None:
     """Compose ``config_name`` with ``overrides`` as Hydra will, failing with one line on a value
     of the wrong type or a key the config does not have. Sweeps are left to each job."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf.errors import OmegaConfBaseException
-
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException:
@@ -84,7 +97,6 @@ def check_composition(config_name: str, overrides: list[str]) -> None:
         return
     kept = [o for o, p in zip(overrides, parsed) if not p.key_or_group.startswith(("hydra.", "hydra/"))]
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            compose(config_name=config_name, overrides=kept)
+        compose(kept, config_name, check_choices=False)
     except (HydraException, OmegaConfBaseException, ValueError) as error:  # ValueError: e.g. GROUP=null
         raise ConfigError(_one_line(error)) from None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
-from mmkit.errors import ConfigError
+from mmkit.core.errors import ConfigError
 
 PLUGIN_GROUP = "mmkit.plugins"
 
@@ -151,8 +151,14 @@ TEACHERS: Registry = Registry("teacher")
 JUDGES: Registry = Registry("judge")
 
 
+# mmkit's own components register through this group too, under this entry point's name, so
+# the registry never imports a component.
+BUILT_IN = "mmkit"
+
+
 def plugin_entry_points() -> list[Any]:
-    return sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+    """Third-party plugins' entry points (mmkit's own is not a plugin)."""
+    return sorted((ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name != BUILT_IN), key=lambda ep: ep.name)
 
 
 _loaded = False
@@ -162,13 +168,19 @@ def load_components() -> None:
     """Import mmkit's own components, then every installed plugin (once per process).
 
     A plugin that fails to import is reported by name and skipped, so one broken package
-    does not take down runs that do not use it.
+    does not take down runs that do not use it; mmkit's own must load.
     """
     global _loaded
     if _loaded:
         return
     _loaded = True
-    import mmkit.components  # noqa: F401  (registers the built-in components)
+    built_in = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == BUILT_IN]
+    if not built_in:
+        raise ConfigError(
+            f"mmkit's '{PLUGIN_GROUP}' entry point is missing: mmkit is not installed in this Python "
+            "(pip install -e . or the wheel), so none of its components are registered"
+        )
+    built_in[0].load()
 
     for ep in plugin_entry_points():
         try:

@@ -1,23 +1,14 @@
 """The interface of dataset components and the shard sets they produce."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from mmkit.core.errors import DataError
+from mmkit.core.registry import DATASETS
 from mmkit.data.shards import MANIFEST, file_sha256
-from mmkit.errors import DataError
-from mmkit.registry import DATASETS
-
-
-def mmkit_home() -> Path:
-    """Where mmkit caches what it builds (zoo models, prepared data): ``$MMKIT_HOME``."""
-    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mmkit"
-    return Path(os.environ.get("MMKIT_HOME", default))
 
 
 @dataclass(frozen=True)
@@ -80,29 +71,6 @@ def teacher_record(name: str, options: dict[str, Any]) -> dict[str, Any]:
 def given_or_built(path: str | Path | None, build: Callable[[], Path]) -> Path:
     """``path`` when one is configured, else the synthetic stand-in ``build()`` makes (cached)."""
     return Path(path) if path else build()
-
-
-def cache_folder(kind: str, identity: dict[str, Any]) -> Path:
-    """A folder named after a hash of everything that determines its contents."""
-    digest = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    return mmkit_home() / "data" / f"{kind}-{digest}"
-
-
-def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
-    """Run ``build(tmp)`` into a temporary folder and rename it to ``folder``: a crash never
-    leaves a half-built cache behind, and a finished one is reused."""
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    build(temporary)
-    try:
-        temporary.rename(folder)
-    except OSError:
-        # Another process finished the same folder first; its copy is identical.
-        shutil.rmtree(temporary, ignore_errors=True)
-    return folder
 
 
 DATASETS.set_base(DatasetSource)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -10,7 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mmkit.errors import ConfigError
+from mmkit.core.atomic_io import atomic_path
+from mmkit.core.errors import ConfigError
 
 WEIGHTS = "trainable.safetensors"
 
@@ -20,9 +20,8 @@ def save_stage_weights(state: Mapping[str, torch.Tensor], names: set[str], folde
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: state[name].detach().to("cpu").contiguous() for name in sorted(names)}
     path = folder / WEIGHTS
-    temporary = path.with_suffix(".partial")
-    save_file(tensors, str(temporary), metadata={"mmkit": json.dumps(meta)})
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"mmkit": json.dumps(meta)})
     return path
 
 

@@ -1,34 +1,14 @@
 """The interface every vision encoder implements."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from mmkit.errors import ConfigError
-from mmkit.registry import ENCODERS
+from mmkit.core.errors import ConfigError
+from mmkit.core.interfaces import ImageStats
+from mmkit.core.registry import ENCODERS
 
 SELECT_CHOICES = ("patch", "cls_patch")
-
-
-@dataclass(frozen=True)
-class ImageStats:
-    """What the image processor needs to know about an encoder's expected input."""
-
-    size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        """uint8 ``[..., 3, H, W]`` (on any device) -> float32 ``(x - 255 mean) / (255 std)``: rescale
-        and normalise fused, in transformers' CLIP image processor's order of operations."""
-        if pixels.dtype != torch.uint8:
-            raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device) * (1.0 / (1 / 255))
-        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device) * (1.0 / (1 / 255))
-        floats = pixels.to(torch.float32, memory_format=torch.contiguous_format)
-        return floats.sub_(mean.view(3, 1, 1)).div_(std.view(3, 1, 1))
 
 
 class VisionEncoder(nn.Module):

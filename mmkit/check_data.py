@@ -1,8 +1,8 @@
 """Check a stage's training data exactly as training will see it, before spending compute on it.
 
-    python -m mmkit.data.check                                   # the recipe's last stage
-    python -m mmkit.data.check --stage pretrain --samples 5
-    python -m mmkit.data.check --stage finetune template=llava_v0 data.finetune.count=50
+    python -m mmkit.check_data                                   # the recipe's last stage
+    python -m mmkit.check_data --stage pretrain --samples 5
+    python -m mmkit.check_data --stage finetune template=llava_v0 data.finetune.count=50
 
 Reads the stage's shards in order through the same template, tokenizer and ``SampleEncoder``
 that training builds, renders a few samples with the trained tokens highlighted, and counts
@@ -22,9 +22,9 @@ from typing import Any, Iterator, Sequence
 
 from omegaconf import DictConfig
 
-from mmkit.errors import ConfigError, DataError, MmkitError
+from mmkit.core.errors import ConfigError, DataError, MmkitError
 
-IGNORE_INDEX = -100  # same value as mmkit.data.templates.base; repeated so --help stays light
+IGNORE_INDEX = -100  # same value as mmkit.data.templates.template; repeated so --help stays light
 GREEN_BOLD, RESET = "\033[1;32m", "\033[0m"
 
 
@@ -93,7 +93,7 @@ def _count(minimum: int):
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m mmkit.data.check", description=__doc__.split("\n\n")[0],
+        prog="python -m mmkit.check_data", description=__doc__.split("\n\n")[0],
         epilog="Any other argument is a Hydra override, as for python -m mmkit.train.",
     )
     parser.add_argument("--stage", default=None, help="recipe stage to check (default: the last one)")
@@ -106,15 +106,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def compose_config(overrides: list[str]) -> DictConfig:
     """The config ``python -m mmkit.train OVERRIDES`` would run (same tree, same search path)."""
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
-    from mmkit.config import CONF_DIR, check_group_choices
+    from mmkit.core.config import compose
 
-    check_group_choices(overrides)  # one line naming the bad group choice, with a suggestion
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            return compose(config_name="config", overrides=overrides)
+        return compose(overrides)
     except HydraException as exc:
         # Hydra's messages are already specific; keep them to the one line the user reads.
         raise ConfigError(" ".join(str(exc).split())) from None
@@ -135,13 +132,19 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
     """Dataset, tokenizer, template and image geometry, built the way training builds them."""
     from transformers import AutoConfig
 
+    from mmkit.core.interfaces import IMAGE_TOKEN
+    from mmkit.core.registry import (
+        CONNECTORS,
+        DATASETS,
+        ENCODERS,
+        TEMPLATES,
+        load_components,
+    )
     from mmkit.data.images import ImageProcessor
     from mmkit.data.samples import SampleEncoder
     from mmkit.models.build import as_dict
-    from mmkit.models.decoders.base import IMAGE_TOKEN
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
     from mmkit.models.hub import resolve_model_path
-    from mmkit.registry import CONNECTORS, DATASETS, ENCODERS, TEMPLATES, load_components
 
     load_components()
     stage = cfg.recipe.stages[stage_name]
@@ -198,7 +201,7 @@ def encode_for_inspection(sample: dict[str, Any], context: CheckContext) -> tupl
 
 
 def check_sample(sample: dict[str, Any], context: CheckContext) -> SampleCheck:
-    from mmkit.data.llava_json import IMAGE_EXTENSIONS
+    from mmkit.data.llava_records import IMAGE_EXTENSIONS
     from mmkit.data.samples import SkippedSample
 
     result = context.sample_encoder(sample)  # the real thing: its skip reasons are what training records

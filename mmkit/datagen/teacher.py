@@ -16,8 +16,8 @@ import random
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Iterable, Iterator, NamedTuple, Sequence
 
-from mmkit.errors import ConfigError, DataError
-from mmkit.registry import TEACHERS
+from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.registry import TEACHERS
 
 IMAGE_PLACEHOLDER = "<image>"
 

@@ -2,7 +2,7 @@
 evaluation runs offline: one question per category per scene, reference answers by the
 ``rules`` teacher (exact facts), the scene's captions and boxes as the judge's context.
 
-    python -m mmkit.synth.llava_bench OUT_DIR --scenes 20
+    python -m mmkit.synth.llava_bench_questions OUT_DIR --scenes 20
 """
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import json
 import random
 from pathlib import Path
 
-from mmkit.data.datasets.base import build_once, cache_folder
-from mmkit.datagen.base import build_teacher
+from mmkit.core.cache import build_once, cache_folder
+from mmkit.datagen.teacher import build_teacher
 from mmkit.synth.world import generate_scenes, render, symbolic_view
 
 CATEGORY_OF = {"conversation": "conv", "detailed": "detail", "reasoning": "complex"}

@@ -1,6 +1,6 @@
 """A small ScienceQA-format set about the synthetic world, so the ScienceQA path runs offline.
 
-    python -m mmkit.synth.scienceqa OUT_DIR --train 600 --val 100 --test 200
+    python -m mmkit.synth.scienceqa_questions OUT_DIR --train 600 --val 100 --test 200
 
 Writes ScienceQA's published layout (problems.json, pid_splits.json, images/<split>/<pid>/image.png)
 with multiple-choice questions whose context is the image, a caption as text (the hint), both, or
@@ -15,9 +15,18 @@ import random
 from pathlib import Path
 from typing import Any, Callable
 
-from mmkit.data.datasets.base import build_once, cache_folder
+from mmkit.core.cache import build_once, cache_folder
 from mmkit.synth.world import (
-    COLOURS, SHAPES, Scene, SceneObject, captions, generate_scenes, number_word, quadrant, referring_phrase, render,
+    COLOURS,
+    SHAPES,
+    Scene,
+    SceneObject,
+    captions,
+    generate_scenes,
+    number_word,
+    quadrant,
+    referring_phrase,
+    render,
 )
 
 DEFAULT_COUNTS = {"train": 600, "val": 100, "test": 200}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mmkit.evaluation.generation import Prompt
-from mmkit.registry import EVALUATORS
+from mmkit.core.registry import EVALUATORS
+from mmkit.inference.generation import Prompt
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmkit.registry import CONNECTORS
+from mmkit.core.registry import CONNECTORS
 
 
 class Connector(nn.Module):

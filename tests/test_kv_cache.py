@@ -7,8 +7,8 @@ from conftest import save_random_llama
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
-from mmkit.inference import kv_cache
-from mmkit.inference.kv_cache import PreallocatedLayer, preallocated_cache
+from mmkit.models import kv_cache
+from mmkit.models.kv_cache import PreallocatedLayer, preallocated_cache
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from mmkit.core.atomic_io import write_text_atomically
+from mmkit.core.cache import mmkit_home
 from mmkit.core.errors import ConfigError, DataError
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
@@ -83,8 +84,6 @@ class ChatClient:
         self.timeout_s = self._number("timeout_s", timeout_s, float, minimum=1e-3)
         self.api_key = self._api_key(api_key_env)
         if cache_dir is None:
-            from mmkit.core.cache import mmkit_home
-
             cache_dir = mmkit_home() / "llm_cache"
         self.cache_dir = Path(cache_dir)
         proxies = {} if parsed.hostname in _LOOPBACK else None  # never send loopback traffic to a proxy

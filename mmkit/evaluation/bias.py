@@ -29,7 +29,9 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.llm_client import ChatClient
 from mmkit.core.registry import EVALUATORS
+from mmkit.evaluation.answers import read_answers
 from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
 from mmkit.inference.generation import Prompt
 
@@ -113,8 +115,6 @@ def parse_label(content: Any) -> Label | None:
 
 class OpenAIBiasJudge:
     def __init__(self, **options: Any) -> None:
-        from mmkit.core.llm_client import ChatClient
-
         self.client = ChatClient.from_options(options, "task.judge", temperature=0.0, max_tokens=64)
         self.name = f"{self.client.model} at {self.client.base_url}"
 
@@ -161,8 +161,6 @@ class BiasEvaluator(Evaluator):
         ]
 
     def score(self, items: Sequence[EvalItem], answers: Mapping[str, str]) -> EvaluationResult:
-        from mmkit.evaluation.answers import read_answers
-
         sources = [answers] + ([read_answers(self.compare)] if self.compare else [])
         per_source = [self._metrics(items, source) for source in sources]
         metrics = dict(per_source[0][0])

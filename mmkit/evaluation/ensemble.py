@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mmkit.core.errors import ConfigError, DataError
+from mmkit.core.llm_client import ChatClient
 from mmkit.evaluation.evaluator import EvalItem, Evaluator
 
 METHODS = ("complement", "judge")
@@ -75,8 +76,6 @@ def combine(
 
 def _judge_disputes(disputes, first, second, combined, counts, judge) -> None:
     from concurrent.futures import ThreadPoolExecutor
-
-    from mmkit.core.llm_client import ChatClient
 
     options = dict(judge or {})
     if not options.get("model"):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mmkit.core.errors import DataError
+from mmkit.core.llm_client import ChatClient
 from mmkit.core.registry import JUDGES
 from mmkit.synth.world import COLOURS, SHAPES, SIZES
 
@@ -105,7 +106,6 @@ class OpenAIJudge(Judge):
     def __init__(self, **options: Any) -> None:
         """Options of :class:`mmkit.core.llm_client.ChatClient` (base_url, model, api_key_env, ...);
         a judge samples at temperature 0.2 unless told otherwise, as LLaVA's reviews did."""
-        from mmkit.core.llm_client import ChatClient
 
         self.client = ChatClient.from_options(options, "task.judge", temperature=0.2, max_tokens=512)
         self.name = f"{self.client.model} at {self.client.base_url}"

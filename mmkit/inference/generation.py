@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmkit.core.errors import ConfigError, DataError
-from mmkit.data.images import ImageProcessor
+from mmkit.data.images import ImageProcessor, decode_image
 from mmkit.data.templates.template import ConversationTemplate
 from mmkit.models.vlm import VisionLanguageModel
 
@@ -31,8 +31,6 @@ class Prompt:
 
     def load_image(self) -> Image.Image | None:
         if isinstance(self.image, Path):
-            from mmkit.data.images import decode_image
-
             return decode_image(self.image.read_bytes())
         return self.image
 

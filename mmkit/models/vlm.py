@@ -10,7 +10,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
 from mmkit.core.errors import DataError
-from mmkit.inference.kv_cache import preallocated_cache
+from mmkit.models.kv_cache import preallocated_cache
 from mmkit.models.connectors.connector import Connector
 from mmkit.models.decoders.language_decoder import LanguageDecoder
 from mmkit.models.encoders.vision_encoder import VisionEncoder
@@ -115,7 +115,7 @@ class VisionLanguageModel(nn.Module):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids only (prompts left-padded), through a KV cache that grows in place
-        (:mod:`mmkit.inference.kv_cache`). Layers compiled for training (``decoder.compile``) run
+        (:mod:`mmkit.models.kv_cache`). Layers compiled for training (``decoder.compile``) run
         eagerly here: every decoding step is a new shape, and compiling them would use up
         torch.compile's recompile limit, after which training batches would run uncompiled too."""
         inputs_embeds = self.embed(input_ids, pixel_values, image_embeds)

@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from mmkit.data.templates.vicuna_v1 import VicunaV1Template
+from mmkit.datagen.rules import QUESTION_KINDS
+from mmkit.evaluation.synthetic import ask_about, normalise
+from mmkit.synth.world import captions, generate_scenes
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
 from mmkit.zoo.text import conversations_as_text
@@ -21,8 +25,6 @@ STEPS, BATCH, LR, WARMUP = 600, 32, 2e-3, 50
 
 
 def _encode_all(tokenizer, conversations: list[list[dict]]) -> list[torch.Tensor]:
-    from mmkit.data.templates.vicuna_v1 import VicunaV1Template
-
     template = VicunaV1Template()
     return [torch.tensor(template.encode(c, tokenizer, num_image_tokens=0).input_ids) for c in conversations]
 
@@ -52,10 +54,6 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     """Exact-match accuracy per question type when the LM is given a val scene's caption (with
     every object's place) as text in place of the image: can it look the answer up in its prompt?
     A VLM built on this LM can only do as well once image tokens stand in for the caption."""
-    from mmkit.data.templates.vicuna_v1 import VicunaV1Template
-    from mmkit.datagen.rules import QUESTION_KINDS
-    from mmkit.evaluation.synthetic import ask_about, normalise
-    from mmkit.synth.world import captions, generate_scenes
 
     template = VicunaV1Template()
     rng = random.Random(0)

@@ -5,7 +5,10 @@ import random
 from pathlib import Path
 
 from mmkit.data.templates.template import LLAVA_SYSTEM
-from mmkit.synth.llava_data import write_text_corpus
+from mmkit.datagen.teacher import build_teacher
+from mmkit.synth.llava_data import scene_rng, write_text_corpus
+from mmkit.synth.world import generate_scenes, symbolic_view
+from mmkit.zoo.scale import scaled
 
 # Tokenizer ids: eos must not be id 2, which CLIP's text tower treats as "pool at the largest id".
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "</s>"]
@@ -17,8 +20,6 @@ CONTEXT_SHARE = 0.8
 def build_tokenizer(out: Path) -> None:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from mmkit.zoo.scale import scaled
 
     corpus = write_text_corpus(count=scaled(3000), seed=0) + [LLAVA_SYSTEM, "USER: ASSISTANT: ###Human: ###Assistant:"]
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -43,9 +44,6 @@ def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]
     look things up in its prompt (as Vicuna can before LLaVA's stages). The rest carry no context
     at all, so the LM also knows the world's priors and the replies' wording.
     """
-    from mmkit.datagen.teacher import build_teacher
-    from mmkit.synth.llava_data import scene_rng
-    from mmkit.synth.world import generate_scenes, symbolic_view
 
     teachers = [build_teacher("caption", {}), build_teacher("rules", {})]
     conversations = []

@@ -8,6 +8,7 @@ from mmkit.core.cache import build_once, cache_folder
 from mmkit.core.registry import DATASETS
 from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet, teacher_record
 from mmkit.data.shards import convert_llava_json
+from mmkit.synth.llava_data import write_llava_dataset
 
 # Bump when the world or the teachers change what they write, so stale caches are not reused.
 SYNTH_DATA_VERSION = 1
@@ -40,8 +41,6 @@ class SyntheticDataset(DatasetSource):
         return ShardSet.from_folder(folder)
 
     def _build(self, out: Path) -> None:
-        from mmkit.synth.llava_data import write_llava_dataset
-
         raw = out / "raw"
         json_path = write_llava_dataset(raw, **self.options)
         convert_llava_json(json_path, raw / "images", out, self.samples_per_shard)

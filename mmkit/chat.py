@@ -9,55 +9,14 @@ embeddings reused every turn. Commands: ``/image PATH`` (a new image and a new c
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Iterator, TextIO
 
 from omegaconf import DictConfig
-from PIL import Image
 
 from mmkit.cli import hydra_command
 from mmkit.core.errors import ConfigError, DataError
-from mmkit.core.interfaces import IMAGE_TOKEN
-from mmkit.inference.generation import AnswerGenerator, Prompt, Sampling
-
-
-class ChatSession:
-    """One conversation with a model: its turns so far and its image's embeddings."""
-
-    def __init__(self, generator: AnswerGenerator, sampling: Sampling) -> None:
-        self.generator = generator
-        self.sampling = sampling
-        self.turns: list[dict] = []
-        self.image: Image.Image | None = None
-        self.image_embeds = None
-
-    def set_image(self, image: Image.Image | None) -> None:
-        """Start a new conversation about ``image`` (None: text only), encoding it once."""
-        self.image = image
-        self.image_embeds = None if image is None else self.generator.encode_image(image)
-        self.turns = []
-
-    def reset(self) -> None:
-        self.turns = []
-
-    def reply(self, text: str) -> Iterator[str]:
-        """Stream the model's reply to ``text``; the exchange joins the conversation when done."""
-        value = f"{IMAGE_TOKEN}\n{text}" if self.image is not None and not self.turns else text
-        conversation = [*self.turns, {"from": "human", "value": value}]
-        pieces: list[str] = []
-        for piece in self.generator.stream(Prompt(conversation, self.image), self.sampling, self.image_embeds):
-            pieces.append(piece)
-            yield piece
-        self.turns = [*conversation, {"from": "gpt", "value": "".join(pieces)}]
-
-
-def open_image(path: str) -> Image.Image:
-    from mmkit.data.images import decode_image
-
-    try:
-        return decode_image(Path(path).read_bytes())
-    except OSError as exc:
-        raise DataError(f"image={path}: {exc.strerror or exc}") from None
+from mmkit.inference.chat_session import ChatSession, open_image
+from mmkit.inference.generation import Sampling
 
 
 def run_chat(session: ChatSession, lines: TextIO, out: TextIO) -> None:
@@ -85,6 +44,8 @@ def run_chat(session: ChatSession, lines: TextIO, out: TextIO) -> None:
 
 
 def chat(cfg: DictConfig) -> None:
+    # Deferred: loading a run imports transformers and Lightning; a bad command line is answered
+    # before they load.
     from mmkit.inference.from_run import build_generator
     from mmkit.models.load import load_run, resolve_device
 

@@ -16,8 +16,10 @@ import argparse
 import itertools
 import sys
 
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from mmkit.core.config import compose
 from mmkit.core.errors import ConfigError, MmkitError
 
 SLURM_LAUNCHER = "SlurmLauncher"
@@ -25,8 +27,6 @@ SLURM_LAUNCHER = "SlurmLauncher"
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """The jobs of a Hydra sweep (comma-separated values, ranges, choices) as override lists."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parsed = OverridesParser.create().parse_overrides(overrides)
     axes = []
     for override in parsed:
@@ -39,13 +39,12 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 
 def compose_job(overrides: list[str]) -> DictConfig:
-    from mmkit.core.config import compose
-
     return compose(overrides, return_hydra_config=True)
 
 
 def job_plan(cfg: DictConfig) -> list[str]:
     """The lines that describe one job; raises ConfigError on what would fail on the cluster."""
+    # Deferred: the recipe imports Lightning, which a refused plan never needs.
     from mmkit.training.recipe import accumulation_steps
 
     trainer = cfg.trainer

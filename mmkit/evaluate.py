@@ -19,6 +19,8 @@ from mmkit.core.errors import ConfigError
 
 
 def evaluate(cfg: DictConfig) -> dict[str, float]:
+    # Deferred: these import torch, transformers and Lightning; a bad command line is answered
+    # before they load.
     from mmkit.core.registry import EVALUATORS, load_components
     from mmkit.evaluation.run import recipe_teachers, run_task
     from mmkit.inference.from_run import build_generator
@@ -41,7 +43,10 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions, items=items).metrics
     if cfg.ensemble.method is not None:
         raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
-    from mmkit.models.load import load_run, resolve_device
+    from mmkit.models.load import (  # deferred with the rest, above
+        load_run,
+        resolve_device,
+    )
 
     train_cfg, model = load_run(cfg.model)
     evaluator.record_teachers(recipe_teachers(train_cfg))
@@ -54,6 +59,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
 
 
 def _ensemble(cfg: DictConfig, evaluator, items, first: Path, out_dir: Path) -> Path:
+    # Deferred, as in evaluate().
     from mmkit.evaluation.answers import read_answers
     from mmkit.evaluation.ensemble import combine, write_answers
     from mmkit.models.build import as_dict

@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     from_hf.add_argument("out_dir")
     args = parser.parse_args(argv)
 
+    # Deferred: transformers loads only once the arguments are good.
     from mmkit.models.hf_llava import export_run, import_hf
 
     try:

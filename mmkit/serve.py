@@ -18,6 +18,8 @@ from mmkit.core.errors import ConfigError
 
 
 def serve(cfg: DictConfig) -> None:
+    # Deferred: these import torch, transformers and Lightning; a bad command line is answered
+    # before they load.
     from mmkit.inference.from_run import build_generator
     from mmkit.inference.generation import Sampling
     from mmkit.models.load import load_run, resolve_device

@@ -36,6 +36,7 @@ def _check_launch(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> dict:
     """Run the configured recipe in Hydra's output folder and write ``summary.json`` there."""
+    # Deferred: these import Lightning (seconds); a refused command line is answered before.
     from mmkit.evaluation.run import check_evaluation, evaluate_model
     from mmkit.training.recipe import run_recipe
     from mmkit.training.resume import is_unfinished, resolve_run_dir, save_run_config

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import REPO
 
-from mmkit.chat import ChatSession
+from mmkit.inference.chat_session import ChatSession
 from mmkit.inference.from_run import build_generator
 from mmkit.inference.generation import Prompt, Sampling
 from mmkit.synth.world import generate_scenes, render

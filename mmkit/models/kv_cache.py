@@ -1,8 +1,8 @@
 """A KV cache that grows in place instead of by concatenation.
 
 transformers' default ``DynamicCache`` appends each step's keys and values with ``torch.cat``, which
-copies the whole cache of every layer at every new token: 13% of a batch-8 generate call of the
-generation benchmark's model went to those copies. Here every layer writes the new positions into
+copies the whole cache of every layer at every new token (what that costs is measured in
+experiments/bench/RESULTS.md). Here every layer writes the new positions into
 a buffer and hands attention a view of the part filled so far, so a step copies only its own
 tokens. The buffer starts at the prompt plus up to ``FIRST_NEW_TOKENS`` new tokens, not the whole
 ``max_new_tokens`` (evaluations allow 1024 and most answers are short), and doubles when full.

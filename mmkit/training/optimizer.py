@@ -10,8 +10,8 @@ import torch
 
 def build_adamw(parameters: Iterable[torch.nn.Parameter], cfg: Mapping[str, Any]) -> torch.optim.AdamW:
     """``cfg.fused``: null picks PyTorch's fused kernel where every trained weight is on a GPU. The
-    default (foreach) implementation makes several passes over the fp32 states; on a 7B-shaped
-    stage 2 it was a third of the step (experiments/bench/RESULTS.md)."""
+    default (foreach) implementation makes several passes over the fp32 states, a large share of a
+    full fine-tuning step (measured in experiments/bench/RESULTS.md)."""
     parameters = list(parameters)
     fused = cfg.get("fused")
     if fused is None:

@@ -77,7 +77,7 @@ def packed_sdpa_attention(
         # SDPA under autocast computes in the autocast dtype whatever its inputs are. Casting here
         # lets fp32 queries (bf16-mixed: Llama's rotary embedding promotes them to the fp32
         # residual stream's dtype) take the varlen kernel instead of a cuDNN call per sample,
-        # which made a 7B-shaped bf16-mixed step 2.8x slower on new lengths (bench/RESULTS.md).
+        # which is far slower on every new length (measured in experiments/bench/RESULTS.md).
         dtype = torch.get_autocast_dtype("cuda")
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     if dropout == 0.0 and _varlen_applies(query, key, offsets, scaling):

@@ -6,6 +6,7 @@ import math
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,93 +157,174 @@ def _sample_answers(cfg: DictConfig, stage_name: str, run_dir: Path) -> SampleAn
                          run_dir, stage_name, int(options.every_n_steps))
 
 
+@dataclass(frozen=True)
+class _Stage:
+    """One stage of the recipe, as the steps of :func:`run_stage` need it."""
+
+    name: str
+    cfg: DictConfig  # recipe.stages.<name>
+    key: str  # how error messages name the stage's settings
+    dir: Path  # <run_dir>/<name>
+    run_dir: Path  # the summary's paths are relative to it
+
+
+@dataclass(frozen=True)
+class _Trainable:
+    """What the stage trains, fixed before the fit: the weights file keeps only these parameters."""
+
+    names: set[str]
+    count: int
+    total: int
+    connector_from: str | None
+
+
+@dataclass(frozen=True)
+class _StageFit:
+    """What the fit runs on, and what the summary reads back from it afterwards."""
+
+    trainer: L.Trainer
+    lit: LitVLM
+    datamodule: ShardDataModule
+    throughput: ThroughputMonitor
+    resume_from: Path | None
+
+
 def run_stage(
     cfg: DictConfig, name: str, model: VisionLanguageModel, run_dir: Path, previous: Path | None, resume: bool = False
 ) -> tuple[dict[str, Any], Path]:
     """Train one stage; with ``resume``, a finished stage is loaded instead of trained and an
     interrupted one continues from its newest checkpoint."""
-    stage = cfg.recipe.stages[name]
-    key = f"recipe.stages.{name}"
-    stage_dir = run_dir / name
-    if resume and (stage_dir / STAGE_DONE).is_file():
-        load_stage_weights(model, stage_dir / WEIGHTS)
-        print(f"resume: stage {name} finished earlier; its weights are loaded, not trained again", flush=True)
-        return json.loads((stage_dir / STAGE_DONE).read_text()), stage_dir / WEIGHTS
-    resume_from = latest_checkpoint(stage_dir) if resume else None
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    connector_from = _init_connector(model, stage.get("connector_from"), previous, key)
-    configure_trainable(model, list(stage.train), key=f"{key}.train")
-    trainable_names = {n for n, p in model.named_parameters() if p.requires_grad}
-    trainable, total = count_parameters(model)
+    stage = _Stage(name, cfg.recipe.stages[name], f"recipe.stages.{name}", run_dir / name, run_dir)
+    if resume and (stage.dir / STAGE_DONE).is_file():
+        return _load_finished_stage(model, stage)
+    resume_from = latest_checkpoint(stage.dir) if resume else None
+    stage.dir.mkdir(parents=True, exist_ok=True)
+    trainable = _prepare_model(model, stage, previous)
+    fit = _build_fit(cfg, stage, model, resume_from)
+    wall_time = _run_fit(fit, stage)
+    samples, skipped = _gather_counts(fit.lit.samples_seen, fit.lit.skipped)
+    summary = _stage_summary(stage, fit, trainable, samples, len(skipped), wall_time)
+    _save_stage(stage, fit.trainer, trainable.names, skipped, summary, bool(cfg.checkpoint.keep_after_stage))
+    return summary, stage.dir / WEIGHTS
 
-    datamodule = _stage_data(cfg, stage, key, model)
+
+def _load_finished_stage(model: VisionLanguageModel, stage: _Stage) -> tuple[dict[str, Any], Path]:
+    load_stage_weights(model, stage.dir / WEIGHTS)
+    print(f"resume: stage {stage.name} finished earlier; its weights are loaded, not trained again", flush=True)
+    return json.loads((stage.dir / STAGE_DONE).read_text()), stage.dir / WEIGHTS
+
+
+def _prepare_model(model: VisionLanguageModel, stage: _Stage, previous: Path | None) -> _Trainable:
+    """Load the connector the stage starts from, and freeze every part it does not train."""
+    connector_from = _init_connector(model, stage.cfg.get("connector_from"), previous, stage.key)
+    configure_trainable(model, list(stage.cfg.train), key=f"{stage.key}.train")
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    count, total = count_parameters(model)
+    return _Trainable(names, count, total, connector_from)
+
+
+def _build_fit(cfg: DictConfig, stage: _Stage, model: VisionLanguageModel, resume_from: Path | None) -> _StageFit:
+    datamodule = _stage_data(cfg, stage.cfg, stage.key, model)
+    trainer, throughput = _stage_trainer(cfg, stage, model)
+    lit = _lit_module(cfg, stage, model, trainer, datamodule, resuming=resume_from is not None)
+    return _StageFit(trainer, lit, datamodule, throughput, resume_from)
+
+
+def _stage_trainer(cfg: DictConfig, stage: _Stage, model: VisionLanguageModel) -> tuple[L.Trainer, ThroughputMonitor]:
+    """The stage's Trainer with its callbacks; the throughput monitor is returned for the summary."""
     throughput = ThroughputMonitor(FlopModel.of(model), cfg.peak_tflops)
-    sample_answers = _sample_answers(cfg, name, run_dir)
-    checkpointing = checkpoint_callback(stage_dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
+    sample_answers = _sample_answers(cfg, stage.name, stage.run_dir)
+    checkpointing = checkpoint_callback(stage.dir, int(cfg.checkpoint.every_n_steps), int(cfg.checkpoint.keep_last))
     trainer = build_trainer(
-        as_dict(cfg.trainer), model, stage_dir, max_epochs=stage.epochs, max_steps=stage.max_steps,
+        as_dict(cfg.trainer), model, stage.dir, max_epochs=stage.cfg.epochs, max_steps=stage.cfg.max_steps,
         callbacks=[throughput, *([sample_answers] if sample_answers else [])], checkpointing=checkpointing,
         logger_cfg=as_dict(cfg.logger) if cfg.get("logger") else None,
     )
     # The world size is known only once the Trainer has resolved its devices.
-    trainer.accumulate_grad_batches = accumulation_steps(stage, key, trainer.world_size)
-    sample_log = stage_dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
-    if sample_log is not None and resume_from is None:
-        sample_log.unlink(missing_ok=True)  # a stage killed before its first checkpoint starts over
-    lit = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), sample_log=sample_log, guards=as_dict(cfg.guards),
-                 total_steps=_optimizer_steps(stage, datamodule, trainer))
+    trainer.accumulate_grad_batches = accumulation_steps(stage.cfg, stage.key, trainer.world_size)
+    return trainer, throughput
 
+
+def _lit_module(
+    cfg: DictConfig, stage: _Stage, model: VisionLanguageModel, trainer: L.Trainer, datamodule: ShardDataModule,
+    resuming: bool,
+) -> LitVLM:
+    """The LightningModule that trains ``model``; its schedule spans the stage's optimizer steps."""
+    sample_log = stage.dir / f"samples.rank{trainer.global_rank}.txt" if cfg.log_sample_keys else None
+    if sample_log is not None and not resuming:
+        sample_log.unlink(missing_ok=True)  # a stage killed before its first checkpoint starts over
+    total_steps = _optimizer_steps(stage.cfg, datamodule, trainer)
+    return LitVLM(model, as_dict(stage.cfg.optimizer), as_dict(stage.cfg.schedule), sample_log=sample_log,
+                  guards=as_dict(cfg.guards), total_steps=total_steps)
+
+
+def _run_fit(fit: _StageFit, stage: _Stage) -> float:
+    """Fit the stage, from its checkpoint when resuming; returns the wall time in seconds."""
+    trainer, resume_from = fit.trainer, fit.resume_from
     started = time.perf_counter()
     try:
         with warnings.catch_warnings():
             # Frozen towers sit in eval mode on purpose (no dropout); Lightning warns about that.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
             if resume_from is not None:
-                print(f"resume: stage {name} continues from {resume_from}", flush=True)
-            trainer.fit(lit, datamodule=datamodule, ckpt_path=str(resume_from) if resume_from else None)
+                print(f"resume: stage {stage.name} continues from {resume_from}", flush=True)
+            trainer.fit(fit.lit, datamodule=fit.datamodule, ckpt_path=str(resume_from) if resume_from else None)
     except BaseException:
         finish_loggers(trainer)
         # A stage that stops early still leaves its skipped samples: the first thing to look at.
         rank = trainer.global_rank
-        _write_skipped(stage_dir / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), lit.skipped)
+        _write_skipped(stage.dir / ("skipped.jsonl" if rank == 0 else f"skipped.rank{rank}.jsonl"), fit.lit.skipped)
         raise
     wall_time = time.perf_counter() - started
     finish_loggers(trainer)
+    return wall_time
 
-    samples, skipped = _gather_counts(lit.samples_seen, lit.skipped)
-    # The strategy assembles a full state dict even when FSDP shards the parameters.
-    state = trainer.strategy.lightning_module_state_dict()
-    state = {k.removeprefix("model."): v for k, v in state.items()}
-    checkpoint = stage_dir / WEIGHTS
-    summary = {
+
+def _stage_summary(
+    stage: _Stage, fit: _StageFit, trainable: _Trainable, samples: int, skipped_samples: int, wall_time: float
+) -> dict[str, Any]:
+    """What ``stage.json`` holds; ``samples`` and ``skipped_samples`` are totals over all ranks."""
+    trainer, lit, datamodule = fit.trainer, fit.lit, fit.datamodule
+    return {
         "steps": trainer.global_step,
         "samples": samples,
         "final_loss": sum(lit.recent_losses) / len(lit.recent_losses) if lit.recent_losses else None,
         "final_loss_window": len(lit.recent_losses),
-        "trainable_params": trainable,
-        "total_params": total,
-        "trained": list(stage.train),
-        "connector_from": connector_from,
-        "skipped_samples": len(skipped),
+        "trainable_params": trainable.count,
+        "total_params": trainable.total,
+        "trained": list(stage.cfg.train),
+        "connector_from": trainable.connector_from,
+        "skipped_samples": skipped_samples,
         "nonfinite_steps_skipped": lit.nonfinite_steps,
         "wall_time_s": round(wall_time, 2),
-        "throughput": throughput.summary(),  # this rank's; every rank sees batches of the same size
-        "global_batch_size": stage.global_batch_size,
+        "throughput": fit.throughput.summary(),  # this rank's; every rank sees batches of the same size
+        "global_batch_size": stage.cfg.global_batch_size,
         "world_size": trainer.world_size,
         "shards_sha256": datamodule.shards.sha256 if datamodule.shards else {},
         "teacher": datamodule.source.teacher(),  # who wrote the data, where its source knows
-        "checkpoint": str(checkpoint.relative_to(run_dir)),
-        "resumed_from": str(resume_from.relative_to(run_dir)) if resume_from else None,
+        "checkpoint": str((stage.dir / WEIGHTS).relative_to(stage.run_dir)),
+        "resumed_from": str(fit.resume_from.relative_to(stage.run_dir)) if fit.resume_from else None,
     }
+
+
+def _save_stage(
+    stage: _Stage, trainer: L.Trainer, trainable_names: set[str], skipped: list[tuple[str, str]],
+    summary: dict[str, Any], keep_checkpoints: bool,
+) -> None:
+    """Rank 0 writes the stage's weights, its skipped samples and ``stage.json`` (last: it marks the
+    stage finished), then drops the resumable checkpoints unless kept."""
+    # The strategy assembles a full state dict even when FSDP shards the parameters: every rank takes part.
+    state = trainer.strategy.lightning_module_state_dict()
+    state = {k.removeprefix("model."): v for k, v in state.items()}
     if trainer.is_global_zero:
-        save_stage_weights(state, trainable_names, stage_dir, meta={"stage": name, "trained": list(stage.train)})
-        _write_skipped(stage_dir / "skipped.jsonl", skipped)
-        write_text_atomically(stage_dir / STAGE_DONE, json.dumps(summary, indent=2))
-        if not cfg.checkpoint.keep_after_stage:
-            shutil.rmtree(stage_dir / CHECKPOINTS, ignore_errors=True)
+        meta = {"stage": stage.name, "trained": list(stage.cfg.train)}
+        save_stage_weights(state, trainable_names, stage.dir, meta=meta)
+        _write_skipped(stage.dir / "skipped.jsonl", skipped)
+        write_text_atomically(stage.dir / STAGE_DONE, json.dumps(summary, indent=2))
+        if not keep_checkpoints:
+            shutil.rmtree(stage.dir / CHECKPOINTS, ignore_errors=True)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # the next stage reads this checkpoint on every rank
-    return summary, checkpoint
 
 
 def run_recipe(cfg: DictConfig, run_dir: Path, resume: bool = False) -> tuple[dict[str, Any], VisionLanguageModel]:

@@ -130,43 +130,30 @@ def pick_stage(cfg: DictConfig, name: str | None) -> str:
 
 def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
     """Dataset, tokenizer, template and image geometry, built the way training builds them."""
-    from transformers import AutoConfig
-
     from mmkit.core.interfaces import IMAGE_TOKEN
-    from mmkit.core.registry import (
-        CONNECTORS,
-        DATASETS,
-        ENCODERS,
-        TEMPLATES,
-        load_components,
-    )
+    from mmkit.core.registry import DATASETS, TEMPLATES
     from mmkit.data.images import ImageProcessor
     from mmkit.data.samples import SampleEncoder
-    from mmkit.models.build import as_dict
+    from mmkit.models.build import as_dict, build_model, check_component_names
     from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
-    from mmkit.models.hub import resolve_model_path
 
-    load_components()
     stage = cfg.recipe.stages[stage_name]
     key = f"recipe.stages.{stage_name}"
     if "path" not in cfg.decoder:
         raise ConfigError(f"decoder.name={cfg.decoder.name!r}: no decoder.path to load its tokenizer from")
-    # Names first, so a typo fails in a second instead of after the encoder has loaded.
-    CONNECTORS.get(cfg.connector.name, key="connector.name")
+    # Names first, so a typo fails in a second instead of after the tokenizer has loaded.
+    check_component_names(cfg)
     template = TEMPLATES.build(as_dict(stage.template), f"{key}.template")
     shards = DATASETS.build(as_dict(stage.data), f"{key}.data").shard_set()
     tokenizer = prepare_tokenizer(cfg.decoder.path, cfg.decoder.get("model_max_length"))
-    encoder = ENCODERS.build(as_dict(cfg.encoder), "encoder")
-    # Only the decoder's width is needed (a resampler's token count may depend on it), not its weights.
-    decoder_width = AutoConfig.from_pretrained(resolve_model_path(cfg.decoder.path)).hidden_size
-    connector = CONNECTORS.build(
-        as_dict(cfg.connector), "connector", in_dim=encoder.hidden_size, out_dim=decoder_width
-    )
+    # Only the geometry is needed (image size, image tokens; a resampler's count may depend on the
+    # decoder's width), not the weights: the model on the meta device.
+    model = build_model(cfg, weights="none")
     sample_encoder = SampleEncoder(
         template,
         tokenizer,
-        ImageProcessor(encoder.image_stats, cfg.data.image_mode),
-        connector.num_output_tokens(encoder.num_tokens),
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        model.num_image_tokens,
         cfg.data.max_length,
     )
     description = (

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
@@ -28,8 +27,10 @@ GiB = 2**30
 
 def plan(cfg: DictConfig) -> dict[str, Any]:
     from mmkit.core.registry import load_components
+    from mmkit.models.build import build_model
+    from mmkit.models.parameters import parameter_count
     from mmkit.planning.memory import predict_memory, step_spec, strategy_of
-    from mmkit.planning.meta import parameter_count, shapes_only_model
+    from mmkit.planning.meta import check_configs_here
     from mmkit.planning.timing import stage_samples, stage_time
     from mmkit.training.recipe import check_recipe
     from mmkit.training.stages import configure_trainable
@@ -40,8 +41,8 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
     if not hardware:
         raise ConfigError("hardware: choose the accelerator to plan for (hardware=a100_40g, a100_80g, h100_80g, h200_141g)")
     strategy = strategy_of(cfg.trainer, int(hardware.gpus_per_node))
-    with torch.device("meta"):
-        model = shapes_only_model(cfg)
+    check_configs_here(cfg)
+    model = build_model(cfg, weights="none")
     result: dict[str, Any] = {
         "hardware": dict(hardware),
         "strategy": {"kind": strategy.kind, "gpus": strategy.world_size, "cpu_offload": strategy.cpu_offload,
@@ -56,7 +57,7 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
         print(f"plan: tracing a {stage_key} step on fake tensors ...", file=sys.stderr, flush=True)
         configure_trainable(model, list(stage.train), f"recipe.stages.{stage_key}.train")
         spec = step_spec(cfg, stage, cfg.plan.sequence_length)
-        memory = predict_memory(lambda: shapes_only_model(cfg), stage, stage_key, spec, strategy)
+        memory = predict_memory(lambda: build_model(cfg, weights="shapes"), stage, stage_key, spec, strategy)
         row: dict[str, Any] = {
             "trainable": parameter_count(model, trainable=True),
             "micro_batch": spec.micro_batch,

@@ -1,14 +1,18 @@
 """Encoders, connectors, decoder set-up, and the VLM's placement of image embeddings."""
 from __future__ import annotations
 
+from operator import attrgetter
+
 import pytest
 import timm
 import torch
+from conftest import compose
 from safetensors.torch import save_file
 
 from mmkit.core.errors import ConfigError, DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.core.registry import CONNECTORS, DECODERS, ENCODERS, load_components
+from mmkit.models.build import build_model
 from mmkit.models.hub import resolve_model_path
 
 load_components()
@@ -147,3 +151,36 @@ def test_generate_with_kv_cache_matches_a_greedy_loop_without_cache(tiny_model):
             reference.append(token)
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     assert generated[0].tolist() == reference
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
+    # The vocabulary aside: a model built from its config has no tokenizer, only <image>'s extra row.
+    return {name: p.shape for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name}
+
+
+def test_fresh_weights_build_the_loaded_architecture(default_cfg, tiny_model):
+    fresh = build_model(default_cfg, weights="none")
+    assert all(p.is_meta for p in fresh.parameters())  # nothing was allocated
+    assert _shapes(fresh) == _shapes(tiny_model)
+    for name in ("num_image_tokens", "encoder.hidden_state_index", "encoder.image_stats", "decoder.hidden_size"):
+        assert attrgetter(name)(fresh) == attrgetter(name)(tiny_model), name
+    assert fresh.decoder.tokenizer is None
+    assert fresh.image_token_id == fresh.decoder.model.get_input_embeddings().num_embeddings - 1
+    with torch.device("meta"):  # "shapes" builds on the default device
+        assert all(p.is_meta for p in build_model(default_cfg, weights="shapes").parameters())
+
+
+def test_fresh_weights_take_hf_config_overrides_and_the_registrys_key_check(default_cfg):
+    model = build_model(default_cfg, "none", encoder_overrides={"num_hidden_layers": 2},
+                        decoder_overrides={"num_hidden_layers": 1})
+    assert model.encoder.num_blocks == 2 and model.decoder.model.config.num_hidden_layers == 1
+    with pytest.raises(ConfigError, match="decoder: 'hf_causal_lm' takes no option.s. nope; it takes: path, dtype"):
+        build_model(compose(["+decoder.nope=1"]), weights="none")
+    with pytest.raises(ValueError, match="pretrained weights fix"):
+        build_model(default_cfg, decoder_overrides={"num_hidden_layers": 1})
+
+
+def test_a_timm_encoder_is_built_with_fresh_weights_by_its_own_keys():
+    model = build_model(compose(["encoder=timm_vit_tiny", "encoder.pretrained=true"]), weights="none")
+    assert next(model.encoder.parameters()).is_meta  # pretrained=true was not followed: nothing to read
+    assert model.encoder.image_stats.size == 64 and model.num_image_tokens == 64

@@ -3,12 +3,12 @@ shipped in conf/hf_config."""
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import compose
 
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import load_components
-from mmkit.planning.meta import parameter_count, shapes_only_model
+from mmkit.models.build import build_model
+from mmkit.models.parameters import parameter_count
 
 load_components()
 
@@ -22,8 +22,7 @@ load_components()
     (["experiment=llava_v1"], 304e6, 13.0e9, 13.32e9, 256),
 ])
 def test_meta_models_have_the_published_sizes(overrides, encoder, decoder, total, image_tokens):
-    with torch.device("meta"):
-        model = shapes_only_model(compose(overrides))
+    model = build_model(compose(overrides), weights="none")
     # The decoder holds one more embedding row than the published model: mmkit's <image> token.
     assert parameter_count(model.encoder) == pytest.approx(encoder, rel=0.005)
     assert parameter_count(model.decoder) == pytest.approx(decoder, rel=0.005)
@@ -45,7 +44,7 @@ def test_a_zoo_model_is_planned_from_its_cached_folder_and_never_built(tmp_path,
 
 def test_a_model_with_no_config_here_is_named():
     with pytest.raises(ConfigError, match=r"decoder.path=some/unknown-model: no config.json there and no shipped config"):
-        shapes_only_model(compose(["experiment=llava_v1_5", "decoder.path=some/unknown-model"]))
+        build_model(compose(["experiment=llava_v1_5", "decoder.path=some/unknown-model"]), weights="none")
 
 
 import json
@@ -79,7 +78,7 @@ def test_predicted_peak_memory_matches_a_real_cpu_training_step(tmp_path):
 def _small(overrides: list[str]):
     case = check_memory.CASES["cpu"][0]
     cfg = compose(case.overrides + overrides)
-    return cfg, (lambda: shapes_only_model(cfg, case.encoder, case.decoder))
+    return cfg, (lambda: build_model(cfg, "shapes", case.encoder, case.decoder))
 
 
 def test_fsdp_splits_weights_gradients_and_adamw_over_the_ranks_and_offload_moves_them_to_the_host():
@@ -104,8 +103,7 @@ def test_the_time_model_gives_back_a_known_run(tmp_path):
     that time implies, fed back through python -m mmkit.plan, must come back as 10 hours."""
     cfg = compose(["experiment=llava_v1_5", "trainer.devices=8"])
     stage = cfg.recipe.stages.finetune
-    with torch.device("meta"):
-        model = shapes_only_model(cfg)
+    model = build_model(cfg, weights="none")
     configure_trainable(model, list(stage.train), "finetune")
     samples, size = stage_samples(cfg, stage, "finetune")
     at_full_utilisation = stage_time(model, samples, size, gpus=8, peak_tflops=312.0, mfu=1.0)

@@ -47,18 +47,15 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Shape, llava_instruct_lengths, make_samples, markdown_table  # noqa: E402
 
-from mmkit.core.interfaces import ImageStats  # noqa: E402
-from mmkit.core.registry import CONNECTORS  # noqa: E402
 from mmkit.data.collate import Collator  # noqa: E402
-from mmkit.models.connectors import mlp  # noqa: E402, F401  registers mlp{N}x_gelu
-from mmkit.models.decoders.hf_causal_lm import HFCausalLM, prepare_tokenizer  # noqa: E402
-from mmkit.models.decoders.language_decoder import LanguageDecoder  # noqa: E402
-from mmkit.models.encoders.hf_clip import HFCLIPEncoder  # noqa: E402
-from mmkit.models.encoders.vision_encoder import VisionEncoder  # noqa: E402
+from mmkit.models import build as mmkit_build  # noqa: E402
+from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer  # noqa: E402
+from mmkit.models.parameters import parameter_count  # noqa: E402
 from mmkit.models.vlm import VisionLanguageModel  # noqa: E402
 from mmkit.training.optimizer import build_adamw  # noqa: E402
 from mmkit.training.throughput import FlopModel, device_peak_tflops  # noqa: E402
@@ -71,8 +68,6 @@ FULL = Shape(image_size=336, patch_size=14, vision_width=1024, vision_layers=24,
 # The same code path at a size two CPU cores finish in seconds.
 SMOKE = Shape(image_size=56, patch_size=14, vision_width=64, vision_layers=2, width=128, layers=2,
               heads=4, kv_heads=4, intermediate=344, vocab=1000)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/clip-vit-large-patch14-336's processor
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STAGES = {"stage1": "connector", "stage2": "connector+LM"}
 # Kernel (GPU) or operator (CPU) names by what they do, for the profile's breakdown; first match wins.
 KERNEL_KINDS = [
@@ -83,53 +78,6 @@ KERNEL_KINDS = [
     ("norm/softmax/loss", r"norm|softmax|cross_entropy|nll|reduce"),
     ("other elementwise", r"elementwise|triton_|CatArray|Functor"),  # eager ops, and --compile's fused kernels
 ]
-
-
-class InPlaceCLIPEncoder(HFCLIPEncoder):
-    """mmkit's ``hf_clip`` encoder over a random tower built from its config on the current device:
-    ``HFCLIPEncoder.__init__`` would read a checkpoint; everything after it (forward, layer
-    selection, freezing) is mmkit's own."""
-
-    def __init__(self, shape: Shape, layer: int = -2) -> None:
-        from transformers import CLIPVisionConfig, CLIPVisionModel
-
-        VisionEncoder.__init__(self, layer, "patch", True)
-        config = CLIPVisionConfig(
-            image_size=shape.image_size, patch_size=shape.patch_size, hidden_size=shape.vision_width,
-            intermediate_size=4 * shape.vision_width, num_hidden_layers=shape.vision_layers,
-            num_attention_heads=max(1, shape.vision_width // 64),
-        )
-        self.hidden_state_index = self._check_layer(config.num_hidden_layers)
-        self.model = CLIPVisionModel(config)
-        self.hidden_size = config.hidden_size
-        self.num_blocks = config.num_hidden_layers
-        self.num_patches = (config.image_size // config.patch_size) ** 2
-        self.num_prefix_tokens = 1
-        self.image_stats = ImageStats(size=shape.image_size, mean=CLIP_MEAN, std=CLIP_STD)
-        self.freeze()
-
-
-class InPlaceLlama(HFCausalLM):
-    """mmkit's ``hf_causal_lm`` decoder over a random Llama built from its config on the current
-    device, set up as ``HFCausalLM.__init__`` sets up a loaded one (tokenizer with ``<image>`` and
-    pad, attention implementation, non-reentrant gradient checkpointing, ``decoder.compile``)."""
-
-    def __init__(self, shape: Shape, tokenizer_path: str, attention: str, gradient_checkpointing: bool,
-                 compile: bool = False) -> None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        LanguageDecoder.__init__(self)
-        self.tokenizer = prepare_tokenizer(tokenizer_path, model_max_length=2048)
-        config = LlamaConfig(
-            vocab_size=max(shape.vocab, len(self.tokenizer)), hidden_size=shape.width,
-            intermediate_size=shape.intermediate, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, pad_token_id=self.tokenizer.pad_token_id,
-            bos_token_id=self.tokenizer.bos_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )
-        model = LlamaForCausalLM(config)
-        model.set_attn_implementation(attention)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        self._attach(model, gradient_checkpointing, lora=None, compile=compile)
 
 
 def write_tokenizer(folder: Path, vocab: int) -> str:
@@ -147,14 +95,39 @@ def write_tokenizer(folder: Path, vocab: int) -> str:
     return str(folder)
 
 
+def write_configs(folder: Path, shape: Shape, tokenizer_path: str) -> dict[str, Any]:
+    """HF config folders of the shape's CLIP tower and Llama under ``folder`` (configs only, no
+    weights), and the model config that names them: the ``hf_clip`` encoder at layer -2, the
+    ``mlp2x_gelu`` connector, the ``hf_causal_lm`` decoder."""
+    CLIPVisionConfig(
+        image_size=shape.image_size, patch_size=shape.patch_size, hidden_size=shape.vision_width,
+        intermediate_size=4 * shape.vision_width, num_hidden_layers=shape.vision_layers,
+        num_attention_heads=max(1, shape.vision_width // 64),
+    ).save_pretrained(folder / "vision")
+    tokenizer = prepare_tokenizer(tokenizer_path)
+    LlamaConfig(
+        # A model built from its config gets one more row, <image>'s, which is the tokenizer's last id.
+        vocab_size=max(shape.vocab, len(tokenizer)) - 1, hidden_size=shape.width,
+        intermediate_size=shape.intermediate, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ).save_pretrained(folder / "language")
+    return {
+        "encoder": {"name": "hf_clip", "path": str(folder / "vision"), "layer": -2, "select": "patch", "frozen": True},
+        "connector": {"name": "mlp2x_gelu"},
+        "decoder": {"name": "hf_causal_lm", "path": str(folder / "language")},
+    }
+
+
 def build_model(shape: Shape, device: torch.device, tokenizer_path: str, attention: str, checkpointing: bool,
                 precision: str, compile: bool = False) -> VisionLanguageModel:
-    with torch.device(device):
-        encoder = InPlaceCLIPEncoder(shape)
-        decoder = InPlaceLlama(shape, tokenizer_path, attention, checkpointing, compile)
-        connector = CONNECTORS.build({"name": "mlp2x_gelu"}, "connector", in_dim=encoder.hidden_size,
-                                     out_dim=decoder.hidden_size)
-    model = VisionLanguageModel(encoder, connector, decoder)
+    """mmkit's model of ``shape`` with random weights, built in place on ``device`` from its HF
+    configs (``build_model(cfg, weights="shapes")``): no checkpoint is written or read."""
+    with tempfile.TemporaryDirectory() as folder:
+        cfg = write_configs(Path(folder), shape, tokenizer_path)
+        cfg["decoder"].update(attn_implementation=attention, gradient_checkpointing=checkpointing, compile=compile)
+        with torch.device(device):
+            model = mmkit_build.build_model(cfg, weights="shapes")
     if precision == "bf16-true":
         model.to(torch.bfloat16)
     return model
@@ -171,10 +144,6 @@ def set_stage(model: VisionLanguageModel, stage: str) -> None:
 
 def billions(count: float) -> str:
     return f"{count / 1e9:.2f}B" if count >= 1e8 else f"{count / 1e6:.2f}M"
-
-
-def parameter_count(model: torch.nn.Module, trainable: bool | None = None) -> int:
-    return sum(p.numel() for p in model.parameters() if trainable is None or p.requires_grad == trainable)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -563,13 +532,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory() as folder:
         tokenizer_path = write_tokenizer(Path(folder), shape.vocab)
-        # Samples need only the tokenizer and the encoder's image size: a one-layer model on the CPU.
-        template = build_model(Shape(**{**shape.__dict__, "layers": 1, "vision_layers": 1, "width": 64,
-                                        "intermediate": 128, "heads": 1, "kv_heads": 1}),
-                               torch.device("cpu"), tokenizer_path, "sdpa", False, "32-true")
+        # Samples need only the vocabulary, <image>'s id and the image geometry: the model on the meta device.
+        template = build_model(shape, torch.device("meta"), tokenizer_path, "sdpa", False, "32-true")
         assert template.num_image_tokens == shape.image_tokens
         samples = make_samples(lengths, template, seed=args.seed)
-        collate = Collator(template.tokenizer.pad_token_id, args.batching, args.pack_length)
+        collate = Collator(prepare_tokenizer(tokenizer_path).pad_token_id, args.batching, args.pack_length)
         del template
         batches = [collate(samples[i: i + args.micro_batch]) for i in range(0, len(samples), args.micro_batch)]
         bench = Bench(args, device, shape, tokenizer_path, batches)

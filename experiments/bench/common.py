@@ -109,7 +109,9 @@ def make_samples(lengths: list[tuple[int, bool]], model, seed: int = 0) -> list[
     generator = torch.Generator().manual_seed(seed)
     size = model.encoder.image_stats.size
     image_token, image_tokens = model.image_token_id, model.num_image_tokens
-    vocab = min(len(model.tokenizer), model.decoder.model.get_input_embeddings().num_embeddings)
+    rows = model.decoder.model.get_input_embeddings().num_embeddings
+    # A model built from its configs (build_model(cfg, weights="shapes")) has no tokenizer: every row is a token.
+    vocab = rows if model.tokenizer is None else min(len(model.tokenizer), rows)
     samples = []
     for index, (length, has_image) in enumerate(lengths):
         text = length - (image_tokens if has_image else 0)

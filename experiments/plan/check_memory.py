@@ -80,13 +80,13 @@ def _config(case: Case):
 
 def predict(case: Case) -> dict:
     from mmkit.core.registry import load_components
+    from mmkit.models.build import build_model
     from mmkit.planning.memory import predict_memory, step_spec, strategy_of
-    from mmkit.planning.meta import shapes_only_model
 
     load_components()
     cfg = _config(case)
     stage = cfg.recipe.stages[case.stage]
-    prediction = predict_memory(lambda: shapes_only_model(cfg, case.encoder, case.decoder), stage, case.stage,
+    prediction = predict_memory(lambda: build_model(cfg, "shapes", case.encoder, case.decoder), stage, case.stage,
                                 step_spec(cfg, stage), strategy_of(cfg.trainer, 1))
     return prediction.as_dict()
 
@@ -97,9 +97,8 @@ def measure(case: Case, device: str) -> dict:
     import torch
 
     from mmkit.core.registry import load_components
-    from mmkit.models.build import as_dict
+    from mmkit.models.build import as_dict, build_model
     from mmkit.planning.memory import step_spec, worst_case_batch
-    from mmkit.planning.meta import shapes_only_model
     from mmkit.training.module import LitVLM
     from mmkit.training.stages import configure_trainable
 
@@ -112,7 +111,7 @@ def measure(case: Case, device: str) -> dict:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     with torch.device(device):
-        model = shapes_only_model(cfg, case.encoder, case.decoder)
+        model = build_model(cfg, "shapes", case.encoder, case.decoder)
     configure_trainable(model, list(stage.train), case.stage)
     batch = worst_case_batch(model, step_spec(cfg, stage), case.stage)
     batch = {**batch, "keys": [str(i) for i in range(len(batch["sample_lengths"]))], "skipped": [],

@@ -113,11 +113,11 @@ class Registry(Generic[T]):
         kwargs = {k: v for k, v in node.items() if k != "name"}
         kwargs.update(extra)
         constructor = self.get(node["name"], key=f"{key}.name")
-        _check_arguments(constructor, kwargs, key, node["name"])
+        check_arguments(constructor, kwargs, key, node["name"])
         return constructor(**kwargs)
 
 
-def _check_arguments(constructor: Callable[..., Any], kwargs: dict[str, Any], key: str, name: str) -> None:
+def check_arguments(constructor: Callable[..., Any], kwargs: dict[str, Any], key: str, name: str) -> None:
     """A config key the component does not take is a typo: name it instead of a TypeError deep inside."""
     try:
         signature = inspect.signature(constructor)

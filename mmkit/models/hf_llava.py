@@ -16,6 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from mmkit.core.config import compose
 from mmkit.core.errors import ConfigError
+from mmkit.core.registry import TEMPLATES
+from mmkit.models.build import as_dict
+from mmkit.models.checkpoint_io import save_stage_weights
+from mmkit.models.connectors.mlp import MLPConnector
+from mmkit.models.encoders.hf_clip import HFCLIPEncoder
+from mmkit.models.load import load_run
 from mmkit.models.vlm import VisionLanguageModel
 
 SELECT_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
@@ -25,8 +31,6 @@ IMPORTED_STAGE = "finetune"
 
 
 def _projector_layers(model: VisionLanguageModel, connector_name: str) -> tuple[torch.nn.Linear, torch.nn.Linear]:
-    from mmkit.models.connectors.mlp import MLPConnector
-
     connector = model.connector
     layers = list(connector.layers) if isinstance(connector, MLPConnector) else []
     if len(layers) != 3 or not isinstance(layers[1], torch.nn.GELU) or layers[1].approximate != "none":
@@ -40,8 +44,6 @@ def _projector_layers(model: VisionLanguageModel, connector_name: str) -> tuple[
 def to_hf_llava(cfg: DictConfig, model: VisionLanguageModel) -> Any:
     """The model as a ``LlavaForConditionalGeneration`` (LoRA adapters merged into the LM)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-    from mmkit.models.encoders.hf_clip import HFCLIPEncoder
 
     if not isinstance(model.encoder, HFCLIPEncoder):
         raise ConfigError(
@@ -80,9 +82,6 @@ def hf_processor(cfg: DictConfig, model: VisionLanguageModel) -> Any:
     """A ``LlavaProcessor`` that prepares images and prompts the way this run was trained."""
     from transformers import LlavaImageProcessor, LlavaProcessor
 
-    from mmkit.core.registry import TEMPLATES
-    from mmkit.models.build import as_dict
-
     stats = model.encoder.image_stats
     image_processor = LlavaImageProcessor(
         do_pad=cfg.data.image_mode == "pad",
@@ -120,7 +119,6 @@ def _tokenizer_adding_bos(tokenizer: Any) -> Any:
 
 def export_run(run: str | Path, out_dir: str | Path) -> Path:
     """``python -m mmkit.export to-hf``: a run folder (or one stage's checkpoint in it) -> an HF folder."""
-    from mmkit.models.load import load_run
 
     cfg, model = load_run(run)
     llava = to_hf_llava(cfg, model)
@@ -142,8 +140,6 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
         CLIPImageProcessor,
         LlavaForConditionalGeneration,
     )
-
-    from mmkit.models.checkpoint_io import save_stage_weights
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
     config = AutoConfig.from_pretrained(hf_dir)

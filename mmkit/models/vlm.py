@@ -7,7 +7,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 
 from mmkit.core.errors import DataError
 from mmkit.models.kv_cache import preallocated_cache
@@ -59,8 +58,9 @@ class VisionLanguageModel(nn.Module):
         if image_embeds is None and pixel_values is not None:
             image_embeds = self.encode_images(pixel_values)
         num_images = 0 if image_embeds is None else image_embeds.shape[0]
-        # Fake tensors (mmkit.planning traces a step's memory on them) have shapes but no values to count.
-        num_positions = None if isinstance(input_ids, FakeTensor) else int(image_positions.sum())
+        # Ids without values (meta tensors, and fake ones, whose storage is on the meta device: a
+        # step traced for its memory) have no positions to count.
+        num_positions = None if image_positions.untyped_storage().device.type == "meta" else int(image_positions.sum())
         if num_positions is not None and num_positions != num_images * self.num_image_tokens:
             raise DataError(
                 f"the batch has {num_positions} image-token positions but {num_images} images x "

@@ -38,6 +38,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from mmkit.core.errors import ConfigError
+from mmkit.models.parameters import parameter_count
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.optimizer import build_adamw
 from mmkit.training.stages import configure_trainable
@@ -215,18 +216,17 @@ def _trace(build: Callable[[], VisionLanguageModel], stage: DictConfig, stage_ke
         root = [p for p in model.parameters() if id(p) not in in_units]
         return _Trace(
             peak=tracker.peak,
-            parameters=sum(p.numel() for p in model.parameters()),
-            trainable=sum(p.numel() for p in trainable),
+            parameters=parameter_count(model),
+            trainable=parameter_count(trainable),
             weight_bytes=sum(p.nbytes for p in model.parameters()),
             trainable_bytes=sum(p.nbytes for p in trainable),
             optimizer_bytes=sum(t.nbytes for state in (optimizer.state.values() if optimizer else ())
                                 for t in state.values() if torch.is_tensor(t)),
             weight_dtype_size=weight_dtype_size,
-            root_parameters=sum(p.numel() for p in root),
-            root_trainable=sum(p.numel() for p in root if p.requires_grad),
-            largest_unit=max((sum(p.numel() for p in unit.parameters()) for unit in units), default=0),
-            largest_trainable_unit=max((sum(p.numel() for p in unit.parameters() if p.requires_grad) for unit in units),
-                                       default=0),
+            root_parameters=parameter_count(root),
+            root_trainable=parameter_count(root, trainable=True),
+            largest_unit=max((parameter_count(unit) for unit in units), default=0),
+            largest_trainable_unit=max((parameter_count(unit, trainable=True) for unit in units), default=0),
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from mmkit.core.errors import ConfigError
+from mmkit.models.parameters import parameter_count
 from mmkit.models.vlm import VisionLanguageModel
 
 TRAINABLE_PARTS = ("encoder", "connector", "decoder")
@@ -28,6 +29,4 @@ def configure_trainable(model: VisionLanguageModel, parts: Sequence[str], key: s
 
 def count_parameters(model: VisionLanguageModel) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
+    return parameter_count(model, trainable=True), parameter_count(model)

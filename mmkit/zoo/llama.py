@@ -13,6 +13,7 @@ from tqdm import tqdm
 from mmkit.data.templates.vicuna_v1 import VicunaV1Template
 from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.evaluation.synthetic import ask_about, normalise
+from mmkit.models.parameters import parameter_count
 from mmkit.synth.world import captions, generate_scenes
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
@@ -116,7 +117,7 @@ def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama"
     write_quality(out, {
         "pretraining": f"causal LM, {steps} steps x {BATCH} conversations of the world's text",
         "size": {"width": width, "layers": layers, "heads": heads,
-                 "parameters": sum(p.numel() for p in model.parameters())},
+                 "parameters": parameter_count(model)},
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
         "val_perplexity_untrained": round(initial_perplexity, 1),
         "val_caption_qa_exact_match": _caption_qa_accuracy(model, tokenizer),

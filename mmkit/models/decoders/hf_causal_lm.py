@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PretrainedConfig,
@@ -18,6 +19,7 @@ from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.core.registry import DECODERS
 from mmkit.models.decoders import packed_attention  # noqa: F401  registers attn_implementation=packed_sdpa
 from mmkit.models.decoders.language_decoder import LanguageDecoder
+from mmkit.models.hf_configs import read_hf_config
 from mmkit.models.hub import resolve_model_path
 
 
@@ -69,52 +71,40 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     return len(layers)
 
 
-@DECODERS.register("hf_causal_lm")
+def _model_options(dtype: str | None, attn_implementation: str | None) -> dict[str, Any]:
+    """``dtype`` and ``attn_implementation`` as transformers takes them, for loading or building."""
+    options: dict[str, Any] = {}
+    if dtype:
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"decoder.dtype={dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
+        options["dtype"] = getattr(torch, dtype)
+    if attn_implementation:
+        options["attn_implementation"] = attn_implementation
+    return options
+
+
 class HFCausalLM(LanguageDecoder):
+    """A transformers causal LM. Config key ``decoder.name: hf_causal_lm`` builds it with
+    :meth:`from_pretrained` from the other keys."""
+
     def __init__(
         self,
-        path: str,
-        dtype: str | None = None,
-        attn_implementation: str | None = "sdpa",
-        model_max_length: int = 2048,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None,
+        image_token_id: int | None = None,
         gradient_checkpointing: bool = False,
         lora: dict[str, Any] | None = None,
-        trust_remote_code: bool = False,
         compile: bool = False,
     ) -> None:
+        """``tokenizer`` holds ``<image>`` and a pad token (:func:`prepare_tokenizer`); a model built
+        from its config alone has none, and is given the id its ``<image>`` row has instead."""
         super().__init__()
-        self.tokenizer = prepare_tokenizer(path, model_max_length)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-        if dtype:
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ConfigError(f"decoder.dtype={dtype!r} is not a torch dtype (e.g. bfloat16, float32)")
-            kwargs["dtype"] = getattr(torch, dtype)
-        if attn_implementation:
-            kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
-        if len(self.tokenizer) > model.get_input_embeddings().num_embeddings:
-            # <image> positions are always overwritten by image features, so its init is irrelevant.
-            model.resize_token_embeddings(len(self.tokenizer), mean_resizing=False)
-        model.config.pad_token_id = self.tokenizer.pad_token_id
-        self._attach(model, gradient_checkpointing, lora, compile)
-
-    @classmethod
-    def from_config(cls, config: PretrainedConfig, attn_implementation: str | None = "sdpa",
-                    gradient_checkpointing: bool = False, lora: dict[str, Any] | None = None) -> "HFCausalLM":
-        """The LM of ``config``'s shapes with fresh weights, on the current default device (the meta
-        device or a fake-tensor mode for planning a run). There is no tokenizer: the vocabulary gets
-        the one row training's tokenizer adds for ``<image>``, which is its last id."""
-        decoder = cls.__new__(cls)
-        LanguageDecoder.__init__(decoder)
-        config = copy.deepcopy(config)
-        config.vocab_size += 1
-        decoder.tokenizer = _ImageTokenOnly(config.vocab_size - 1)
-        options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        decoder._attach(AutoModelForCausalLM.from_config(config, **options), gradient_checkpointing, lora)
-        return decoder
-
-    def _attach(self, model: PreTrainedModel, gradient_checkpointing: bool, lora: dict[str, Any] | None,
-                compile: bool = False) -> None:
+        if image_token_id is None:
+            if tokenizer is None:
+                raise ValueError("HFCausalLM: without a tokenizer, image_token_id is needed")
+            image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.tokenizer = tokenizer
+        self._image_token_id = image_token_id
         self.model = model
         if gradient_checkpointing:
             enable_activation_checkpointing(self.model)
@@ -123,6 +113,75 @@ class HFCausalLM(LanguageDecoder):
             self._apply_lora(lora)
         if compile:
             compile_decoder_layers(self.model)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        dtype: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        model_max_length: int = 2048,
+        gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        compile: bool = False,
+    ) -> "HFCausalLM":
+        """The LM and tokenizer saved at ``path`` (a hub id, a folder, ``zoo://NAME``), the
+        vocabulary grown by the tokens :func:`prepare_tokenizer` adds."""
+        tokenizer = prepare_tokenizer(path, model_max_length)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_model_options(dtype, attn_implementation)}
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+            # <image> positions are always overwritten by image features, so its init is irrelevant.
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        return cls(model, tokenizer, gradient_checkpointing=gradient_checkpointing, lora=lora, compile=compile)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: PretrainedConfig,
+        dtype: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        compile: bool = False,
+    ) -> "HFCausalLM":
+        """The LM of ``config``'s shapes with fresh weights on the current default device. There is
+        no tokenizer: the vocabulary gets the one row training's tokenizer adds for ``<image>``,
+        which is its last id."""
+        config = copy.deepcopy(config)
+        config.vocab_size += 1
+        options = {"trust_remote_code": trust_remote_code, **_model_options(dtype, attn_implementation)}
+        model = AutoModelForCausalLM.from_config(config, **options)
+        return cls(model, None, image_token_id=config.vocab_size - 1, gradient_checkpointing=gradient_checkpointing,
+                   lora=lora, compile=compile)
+
+    @classmethod
+    def with_fresh_weights(
+        cls,
+        config_overrides: dict[str, Any] | None = None,
+        *,
+        path: str,
+        dtype: str | None = None,
+        attn_implementation: str | None = "sdpa",
+        model_max_length: int = 2048,
+        gradient_checkpointing: bool = False,
+        lora: dict[str, Any] | None = None,
+        trust_remote_code: bool = False,
+        compile: bool = False,
+    ) -> "HFCausalLM":
+        """:meth:`from_config` with the config read from ``path`` (no weights, no tokenizer, so
+        ``model_max_length`` has nothing to set) and changed by ``config_overrides``."""
+        fields = {**read_hf_config(path, "decoder.path"), **(config_overrides or {})}
+        config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        return cls.from_config(config, dtype, attn_implementation, gradient_checkpointing, lora, trust_remote_code,
+                               compile)
+
+    @property
+    def image_token_id(self) -> int:
+        return self._image_token_id
 
     def _apply_lora(self, lora: dict[str, Any]) -> None:
         from peft import LoraConfig, get_peft_model
@@ -143,14 +202,4 @@ class HFCausalLM(LanguageDecoder):
         return {f"model.{name}" for name, _ in self.model.named_parameters() if "lora_" in name}
 
 
-class _ImageTokenOnly:
-    """Where only a model's shapes exist (planning), the one thing the forward pass asks of the
-    tokenizer: the id of ``<image>``."""
-
-    def __init__(self, image_token_id: int) -> None:
-        self.image_token_id = image_token_id
-
-    def convert_tokens_to_ids(self, token: str) -> int:
-        if token != IMAGE_TOKEN:
-            raise KeyError(f"a shapes-only decoder has no tokenizer: {token!r} is unknown")
-        return self.image_token_id
+DECODERS.register("hf_causal_lm")(HFCausalLM.from_pretrained)

@@ -23,7 +23,7 @@ class TimmViTEncoder(VisionEncoder):
         frozen: bool = True,
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(layer, select, frozen)
+        """``pretrained: false`` builds the architecture with fresh weights, reading nothing."""
         kwargs = dict(model_kwargs or {})
         if checkpoint_file:
             # timm reads local weights through the pretrained-config overlay, no hub access.
@@ -32,27 +32,36 @@ class TimmViTEncoder(VisionEncoder):
         import timm  # here, not at the top: importing timm costs seconds that every command would pay
 
         try:
-            self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
+            model = timm.create_model(model_name, pretrained=pretrained, num_classes=0, **kwargs)
         except RuntimeError as exc:
             if "Unknown model" in str(exc):
                 raise ConfigError(f"encoder.model_name={model_name!r}: {exc}") from None
             raise
-        if not hasattr(self.model, "blocks") or not hasattr(self.model, "patch_embed"):
+        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
             raise ConfigError(f"encoder.model_name={model_name!r} is not a timm VisionTransformer")
-        self.num_blocks = len(self.model.blocks)
-        self.hidden_state_index = self._check_layer(self.num_blocks)
-        self.hidden_size = self.model.embed_dim
-        self.num_patches = self.model.patch_embed.num_patches
-        self.num_prefix_tokens = self.model.num_prefix_tokens
-        data_cfg = self.model.pretrained_cfg
+        super().__init__(layer, select, frozen, num_blocks=len(model.blocks))
+        self.model = model
+        self.hidden_size = model.embed_dim
+        self.num_patches = model.patch_embed.num_patches
+        self.num_prefix_tokens = model.num_prefix_tokens
+        data_cfg = model.pretrained_cfg
         # The size the model was built for (model_kwargs.img_size), not the pretrained default.
         self.image_stats = ImageStats(
-            size=int(self.model.patch_embed.img_size[-1]),
+            size=int(model.patch_embed.img_size[-1]),
             mean=tuple(data_cfg.get("mean", (0.5,) * 3)),
             std=tuple(data_cfg.get("std", (0.5,) * 3)),
         )
         if frozen:
             self.freeze()
+
+    @classmethod
+    def with_fresh_weights(cls, config_overrides: dict[str, Any] | None = None, **options: Any) -> "TimmViTEncoder":
+        """The encoder ``options`` configure, with ``pretrained`` off and no checkpoint file (subclasses
+        that take these keys, as the dinov2 plugin, are built the same way)."""
+        if config_overrides:
+            raise ConfigError(f"encoder: {cls.__qualname__} takes no HF config overrides "
+                              f"({', '.join(config_overrides)}); a timm model's architecture is set by its config keys")
+        return cls(**{**options, "pretrained": False, "checkpoint_file": None})
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vit = self.model

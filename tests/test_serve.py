@@ -211,4 +211,6 @@ def test_the_chat_page_is_served_offline_or_turned_off(web_page):
 def _limit_defaults() -> dict:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "serve.yaml").limits)
+    from mmkit.core.config import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "serve.yaml").limits)

@@ -20,8 +20,8 @@ strategies are derived from it:
 Fake tensors run on the CPU's kernels, so attention is the CPU's flash kernel, which keeps what
 the GPU's flash kernels keep (output and log-sum-exp, not the attention matrix). What CUDA
 kernels allocate inside themselves and the caching allocator's own overhead are not counted: the
-plan keeps ``plan.headroom`` of each card free for them (experiments/plan/RESULTS.md measured up
-to 12% above the prediction on an H200).
+plan keeps ``plan.headroom`` of each card free for them (experiments/plan/RESULTS.md has how far
+real steps went above the prediction).
 """
 from __future__ import annotations
 

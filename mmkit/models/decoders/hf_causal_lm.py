@@ -56,8 +56,8 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` each decoder layer in place (state dict keys unchanged) and return how many
     were compiled. Compiling fuses the chains of small kernels eager mode runs around the matmuls:
     RMSNorm with its float32 upcast, the rotary embedding on strided queries and keys, the MLP's
-    activation, the residual adds (9% of a 7B-shaped step on an H200 went to the rotary embedding
-    alone: experiments/bench/RESULTS.md). One layer's code serves them all. A size that changes
+    activation, the residual adds (their share of a step is measured in experiments/bench/RESULTS.md).
+    One layer's code serves them all. A size that changes
     (rows, row length, samples, longest sample) turns dynamic at its first change, which compiles
     once more; after the first few batches of a run nothing compiles."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -18,15 +18,7 @@ import torch
 
 from mmkit.core.registry import ENCODERS, load_components
 from mmkit.data.images import ImageProcessor
-from mmkit.synth.world import (
-    COLOURS,
-    QUADRANTS,
-    SHAPES,
-    SIZES,
-    generate_scenes,
-    quadrant,
-    render,
-)
+from mmkit.synth.world import COLOURS, QUADRANTS, SHAPES, SIZES, generate_scenes, quadrant, render
 
 
 def token_table(encoder, processor, split: str, count: int) -> tuple[torch.Tensor, dict[str, np.ndarray]]:

@@ -43,10 +43,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions, items=items).metrics
     if cfg.ensemble.method is not None:
         raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
-    from mmkit.models.load import (  # deferred with the rest, above
-        load_run,
-        resolve_device,
-    )
+    from mmkit.models.load import load_run, resolve_device  # deferred with the rest, above
 
     train_cfg, model = load_run(cfg.model)
     evaluator.record_teachers(recipe_teachers(train_cfg))

@@ -17,14 +17,7 @@ import sys
 from pathlib import Path
 
 from mmkit.core.errors import ConfigError, MmkitError
-from mmkit.evaluation.sweep_report import (
-    default_metrics,
-    find_runs,
-    group,
-    write_csv,
-    write_markdown,
-    write_plot,
-)
+from mmkit.evaluation.sweep_report import default_metrics, find_runs, group, write_csv, write_markdown, write_plot
 
 
 def main(argv: list[str] | None = None) -> int:

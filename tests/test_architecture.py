@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from import_graph import ENTRY, cycles, forbidden, imports, layer_of
 
 import mmkit
-from import_graph import ENTRY, cycles, forbidden, imports, layer_of
 
 MMKIT = Path(mmkit.__file__).parent
 

@@ -17,14 +17,7 @@ from mmkit.core.errors import ConfigError
 from mmkit.core.registry import TEACHERS
 from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Teacher
 from mmkit.synth.llava_data import write_llava_dataset, write_text_corpus
-from mmkit.synth.world import (
-    SceneObject,
-    describe,
-    generate_scenes,
-    number_word,
-    quadrant,
-    symbolic_view,
-)
+from mmkit.synth.world import SceneObject, describe, generate_scenes, number_word, quadrant, symbolic_view
 
 SCENES = generate_scenes("train", 300, seed=11)
 

@@ -17,23 +17,11 @@ from openai_server import FakeChatServer
 
 from mmkit.core.errors import ConfigError, DataError
 from mmkit.datagen.openai import OpenAITeacher
-from mmkit.datagen.prompts import (
-    SYSTEM_PROMPTS,
-    build_messages,
-    format_context,
-    parse_reply,
-)
+from mmkit.datagen.prompts import SYSTEM_PROMPTS, build_messages, format_context, parse_reply
 from mmkit.datagen.rules import DETAILED_INSTRUCTIONS
 from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, UnusableOutput, Written
 from mmkit.synth.llava_data import scene_rng, write_llava_dataset
-from mmkit.synth.world import (
-    describe,
-    generate_scenes,
-    number_word,
-    quadrant,
-    reading_order,
-    symbolic_view,
-)
+from mmkit.synth.world import describe, generate_scenes, number_word, quadrant, reading_order, symbolic_view
 
 KEY_ENV = "MMKIT_TEST_TEACHER_KEY"
 DATAGEN = ["-m", "mmkit.datagen"]

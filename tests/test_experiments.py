@@ -5,15 +5,7 @@ from pathlib import Path
 import torch
 
 from mmkit.data.images import ImageProcessor
-from mmkit.synth.world import (
-    COLOURS,
-    QUADRANTS,
-    SHAPES,
-    SIZES,
-    generate_scenes,
-    quadrant,
-    render,
-)
+from mmkit.synth.world import COLOURS, QUADRANTS, SHAPES, SIZES, generate_scenes, quadrant, render
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 

@@ -11,12 +11,7 @@ from PIL import Image
 
 from mmkit.core.errors import ConfigError, DataError
 from mmkit.data.datasets.scienceqa import ScienceQADataset
-from mmkit.data.scienceqa_layout import (
-    load_problems,
-    parse_answer,
-    prompt_text,
-    target_text,
-)
+from mmkit.data.scienceqa_layout import load_problems, parse_answer, prompt_text, target_text
 from mmkit.evaluation.run import run_task
 from mmkit.evaluation.scienceqa import ScienceQAEvaluator
 from mmkit.synth.scienceqa_questions import write_scienceqa

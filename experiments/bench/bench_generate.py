@@ -82,13 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_run(root: Path, args: argparse.Namespace) -> Path:
     """A run folder of the default recipe (finetune stage only) over random towers of the given sizes."""
     from omegaconf import OmegaConf
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from mmkit.core.config import compose
     from mmkit.models.build import build_model

@@ -22,15 +22,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    Shape,
-    alternate,
-    build_random_vlm,
-    llava_instruct_lengths,
-    make_samples,
-    markdown_table,
-    median,
-)
+from common import Shape, alternate, build_random_vlm, llava_instruct_lengths, make_samples, markdown_table, median  # noqa: E402
 
 from mmkit.data.collate import Collator, length_grouped  # noqa: E402
 from mmkit.models.hf_llava import to_hf_llava  # noqa: E402

@@ -44,13 +44,7 @@ class Shape:
 
 def build_random_vlm(folder: Path, shape: Shape, attention: str = "packed_sdpa", overrides: list[str] | None = None):
     """(cfg, model): mmkit's model over a random CLIP tower and a random Llama saved in ``folder``."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        CLIPVisionModel,
-        LlamaConfig,
-        LlamaForCausalLM,
-    )
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
     from mmkit.core.config import compose
     from mmkit.models.build import build_model

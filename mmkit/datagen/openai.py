@@ -17,15 +17,7 @@ from mmkit.core.llm_client import ChatClient
 from mmkit.core.registry import TEACHERS
 from mmkit.datagen.prompts import build_messages, parse_reply
 from mmkit.datagen.rules import DETAILED_INSTRUCTIONS
-from mmkit.datagen.teacher import (
-    RESPONSE_TYPES,
-    Failed,
-    Teacher,
-    UnusableOutput,
-    Written,
-    conversation,
-    response_types,
-)
+from mmkit.datagen.teacher import RESPONSE_TYPES, Failed, Teacher, UnusableOutput, Written, conversation, response_types
 
 
 @TEACHERS.register("openai")

@@ -20,13 +20,7 @@ from typing import Any, Callable, Sequence
 
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import TEACHERS
-from mmkit.datagen.teacher import (
-    RESPONSE_TYPES,
-    Teacher,
-    Written,
-    conversation,
-    response_types,
-)
+from mmkit.datagen.teacher import RESPONSE_TYPES, Teacher, Written, conversation, response_types
 from mmkit.synth.world import (
     COLOURS,
     SHAPES,

@@ -25,13 +25,7 @@ from mmkit.core.errors import ConfigError, DataError, MmkitError
 from mmkit.core.registry import TEACHERS, load_components
 from mmkit.data.shards import write_shards
 from mmkit.datagen.teacher import Teacher, build_teacher
-from mmkit.synth.llava_data import (
-    LLAVA_KEYS,
-    image_name,
-    save_image,
-    scene_records,
-    teach,
-)
+from mmkit.synth.llava_data import LLAVA_KEYS, image_name, save_image, scene_records, teach
 from mmkit.synth.world import Scene, generate_scenes
 
 IDENTITY_FILE = "datagen.json"

@@ -123,9 +123,7 @@ def cohen_kappa(first: Sequence[int], second: Sequence[int]) -> float | None:
 
 def fleiss_kappa(verdicts: Sequence[Sequence[int]]) -> float | None:
     """Agreement of several judges; ``verdicts[judge][item]``."""
-    from torchmetrics.functional.nominal import (
-        fleiss_kappa as torchmetrics_fleiss_kappa,
-    )
+    from torchmetrics.functional.nominal import fleiss_kappa as torchmetrics_fleiss_kappa
 
     if not verdicts or not verdicts[0]:
         return None

@@ -20,12 +20,7 @@ from mmkit.core.errors import ConfigError, DataError
 from mmkit.core.registry import EVALUATORS
 from mmkit.data.datasets.dataset_source import given_or_built
 from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
-from mmkit.evaluation.judge_agreement import (
-    agreement,
-    build_judges,
-    judge_items,
-    summarise,
-)
+from mmkit.evaluation.judge_agreement import agreement, build_judges, judge_items, summarise
 from mmkit.evaluation.judges import Judge, Review
 from mmkit.inference.generation import Prompt
 from mmkit.synth.llava_bench_questions import synthetic_llava_bench_dir

@@ -9,14 +9,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mmkit.core.errors import ConfigError
-from mmkit.core.registry import (
-    CONNECTORS,
-    DECODERS,
-    ENCODERS,
-    Registry,
-    check_arguments,
-    load_components,
-)
+from mmkit.core.registry import CONNECTORS, DECODERS, ENCODERS, Registry, check_arguments, load_components
 from mmkit.models.decoders.language_decoder import LanguageDecoder
 from mmkit.models.encoders.vision_encoder import VisionEncoder
 from mmkit.models.vlm import VisionLanguageModel

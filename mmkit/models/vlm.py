@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from mmkit.core.errors import DataError
-from mmkit.models.kv_cache import preallocated_cache
 from mmkit.models.connectors.connector import Connector
 from mmkit.models.decoders.language_decoder import LanguageDecoder
 from mmkit.models.encoders.vision_encoder import VisionEncoder
+from mmkit.models.kv_cache import preallocated_cache
 
 
 class VisionLanguageModel(nn.Module):

@@ -25,13 +25,7 @@ import mmkit.datagen.openai  # noqa: F401  (registers the "openai" teacher)
 import mmkit.datagen.rules  # noqa: F401  (registers the "rules" teacher)
 from mmkit.core.atomic_io import atomic_path
 from mmkit.core.registry import TEACHERS
-from mmkit.datagen.teacher import (
-    IMAGE_PLACEHOLDER,
-    Failed,
-    Teacher,
-    Written,
-    build_teacher,
-)
+from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher
 from mmkit.synth.world import Scene, generate_scenes, render, symbolic_view
 
 # The keys of a record in LLaVA's JSON format.

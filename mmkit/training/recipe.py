@@ -28,12 +28,7 @@ from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights, save_stage_weights
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.module import LitVLM
-from mmkit.training.resume import (
-    CHECKPOINTS,
-    STAGE_DONE,
-    checkpoint_callback,
-    latest_checkpoint,
-)
+from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint
 from mmkit.training.sample_answers import SampleAnswers
 from mmkit.training.stages import configure_trainable, count_parameters
 from mmkit.training.throughput import FlopModel, ThroughputMonitor

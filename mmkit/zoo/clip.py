@@ -18,16 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmkit.synth.world import (
-    COLOURS,
-    SHAPES,
-    Scene,
-    SceneObject,
-    captions,
-    describe,
-    generate_scenes,
-    render,
-)
+from mmkit.synth.world import COLOURS, SHAPES, Scene, SceneObject, captions, describe, generate_scenes, render
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
 
@@ -136,13 +127,7 @@ def _retrieval_accuracy(model, tokenizer, scenes: list[Scene], rng: random.Rando
 
 
 def build_tiny_clip(out: Path, tokenizer_folder: Path) -> None:
-    from transformers import (
-        AutoTokenizer,
-        CLIPConfig,
-        CLIPModel,
-        CLIPTextConfig,
-        CLIPVisionModel,
-    )
+    from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionModel
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     torch.manual_seed(0)

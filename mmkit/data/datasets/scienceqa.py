@@ -8,12 +8,7 @@ from pathlib import Path
 from mmkit.core.cache import build_once, cache_folder
 from mmkit.core.registry import DATASETS
 from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet, given_or_built
-from mmkit.data.scienceqa_layout import (
-    image_path,
-    llava_record,
-    load_problems,
-    split_format,
-)
+from mmkit.data.scienceqa_layout import image_path, llava_record, load_problems, split_format
 from mmkit.data.shards import convert_llava_json
 from mmkit.synth.scienceqa_questions import synthetic_scienceqa_dir
 

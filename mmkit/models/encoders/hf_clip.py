@@ -4,12 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers import (
-    AutoModel,
-    CLIPImageProcessor,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-)
+from transformers import AutoModel, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mmkit.core.interfaces import ImageStats

@@ -17,7 +17,7 @@ from mmkit.data.images import ImageProcessor
 from mmkit.data.resumable import ResumableBatches
 from mmkit.data.samples import SampleEncoder
 from mmkit.data.shards import convert_llava_json
-from mmkit.data.templates.template import IGNORE_INDEX
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 
 load_components()

@@ -20,7 +20,7 @@ from mmkit.core.registry import TEMPLATES, load_components
 from mmkit.data.collate import Collator
 from mmkit.data.images import ImageProcessor
 from mmkit.data.samples import EncodedSample, SampleEncoder, SkippedSample
-from mmkit.data.templates.template import IGNORE_INDEX
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 
 load_components()

@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmkit.core.errors import ConfigError
 from mmkit.data.collate import Collator, first_fit_decreasing
 from mmkit.data.samples import EncodedSample, SkippedSample
-from mmkit.data.templates.template import IGNORE_INDEX
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 from mmkit.models.decoders.packed_attention import sample_lengths
 from mmkit.training.throughput import FlopModel
 

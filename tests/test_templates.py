@@ -5,7 +5,8 @@ import pytest
 
 from mmkit.core.errors import DataError
 from mmkit.core.registry import TEMPLATES, load_components
-from mmkit.data.templates.template import IGNORE_INDEX, LLAVA_SYSTEM
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
+from mmkit.data.templates.template import LLAVA_SYSTEM
 from mmkit.models.decoders.hf_causal_lm import prepare_tokenizer
 
 load_components()

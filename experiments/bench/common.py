@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(REPO))
 
 from mmkit.data.samples import EncodedSample  # noqa: E402
-from mmkit.data.templates.template import IGNORE_INDEX  # noqa: E402
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch
 
 from mmkit.core.errors import ConfigError
 from mmkit.data.samples import EncodedSample, SkippedSample
-from mmkit.data.templates.template import IGNORE_INDEX
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 
 BATCHING = ("pad", "group", "pack")
 

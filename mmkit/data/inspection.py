@@ -16,7 +16,7 @@ import webdataset as wds
 from mmkit.core.errors import DataError
 from mmkit.data.llava_records import IMAGE_EXTENSIONS
 from mmkit.data.samples import SampleEncoder, SkippedSample
-from mmkit.data.templates.template import IGNORE_INDEX
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 
 GREEN_BOLD, RESET = "\033[1;32m", "\033[0m"
 

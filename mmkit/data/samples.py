@@ -12,7 +12,8 @@ from mmkit.core.errors import DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.data.images import ImageProcessor, decode_image_tensor
 from mmkit.data.llava_records import IMAGE_EXTENSIONS
-from mmkit.data.templates.template import IGNORE_INDEX, ConversationTemplate
+from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
+from mmkit.data.templates.template import ConversationTemplate
 
 
 @dataclass

@@ -37,11 +37,11 @@ class ZooModel:
 
 
 BUILDERS: dict[str, ZooModel] = {
-    "tiny-tokenizer": ZooModel(2, build_tokenizer),
-    "tiny-clip": ZooModel(3, build_tiny_clip, requires=("tiny-tokenizer",)),
+    "tiny-tokenizer": ZooModel(3, build_tokenizer),
+    "tiny-clip": ZooModel(4, build_tiny_clip, requires=("tiny-tokenizer",)),
     "tiny-clip-random": ZooModel(2, build_tiny_clip_random),
-    "tiny-llama": ZooModel(3, build_tiny_llama, requires=("tiny-tokenizer",)),
-    "tiny-llama-large": ZooModel(1, partial(build_tiny_llama, size="tiny-llama-large"), requires=("tiny-tokenizer",)),
+    "tiny-llama": ZooModel(4, build_tiny_llama, requires=("tiny-tokenizer",)),
+    "tiny-llama-large": ZooModel(2, partial(build_tiny_llama, size="tiny-llama-large"), requires=("tiny-tokenizer",)),
 }
 
 

@@ -1,9 +1,9 @@
-"""Shared machinery of conversation templates: masks correct by construction.
+"""Shared machinery of conversation templates.
 
 A template renders a conversation into *segments*, each either trained (the assistant's reply
-and its end marker) or not. Every segment is tokenized on its own and the ids are concatenated,
-so the labels never depend on re-finding text inside a rendered string (the original LLaVA
-code does that and silently zeroes a sample's labels when a tokenizer disagrees).
+and its end marker) or not. The segments are joined into one text, which is tokenized as LLaVA's
+training tokenizes it; the labels follow the characters of the trained segments
+(:mod:`mmkit.data.templates.llava_tokenization`).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerBase
 from mmkit.core.errors import ConfigError, DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.llava_tokenization import EncodedConversation, RenderedConversation, encode_rendered
 
-IGNORE_INDEX = -100
 HUMAN, ASSISTANT = "human", "gpt"
 ROLE_ALIASES = {"human": HUMAN, "user": HUMAN, "gpt": ASSISTANT, "assistant": ASSISTANT}
 
@@ -27,7 +27,7 @@ LLAVA_SYSTEM = (
 
 
 class EndOfSequence:
-    """Stands for the tokenizer's eos id inside a segment list (never tokenized as text)."""
+    """Stands for the tokenizer's eos token inside a segment list: its text depends on the tokenizer."""
 
 
 EOS = EndOfSequence()
@@ -37,12 +37,6 @@ EOS = EndOfSequence()
 class Segment:
     content: str | EndOfSequence
     trained: bool
-
-
-@dataclass
-class EncodedConversation:
-    input_ids: list[int]
-    labels: list[int]
 
 
 def normalise_turns(conversation: Sequence[dict]) -> list[tuple[str, str]]:
@@ -89,20 +83,27 @@ class ConversationTemplate:
                 if for_generation
                 else "the conversation has no assistant reply to train on after its last human turn"
             )
-        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        input_ids: list[int] = []
-        labels: list[int] = []
-        if tokenizer.bos_token_id is not None:
-            input_ids.append(tokenizer.bos_token_id)
-            labels.append(IGNORE_INDEX)
+        return encode_rendered(self.render(turns, tokenizer.eos_token), tokenizer, num_image_tokens)
+
+    def render(self, turns: list[tuple[str, str]], eos_token: str | None) -> RenderedConversation:
+        """The segments as one text, with the character spans of the trained ones."""
+        pieces: list[str] = []
+        trained: list[tuple[int, int]] = []
+        length = 0
         for segment in self.segments(turns):
-            ids = self._segment_ids(segment.content, tokenizer, image_token_id, num_image_tokens)
-            input_ids += ids
-            if segment.trained:
-                labels += [IGNORE_INDEX if i == image_token_id else i for i in ids]
-            else:
-                labels += [IGNORE_INDEX] * len(ids)
-        return EncodedConversation(input_ids, labels)
+            text = segment.content
+            if isinstance(text, EndOfSequence):
+                if eos_token is None:
+                    raise DataError("this format ends every reply with the eos token, but the tokenizer has none")
+                text = eos_token
+            if segment.trained and text:
+                if trained and trained[-1][1] == length:
+                    trained[-1] = (trained[-1][0], length + len(text))  # a reply and its end marker: one span
+                else:
+                    trained.append((length, length + len(text)))
+            pieces.append(text)
+            length += len(text)
+        return RenderedConversation("".join(pieces), tuple(trained))
 
     def check_tokenizer(self, tokenizer: PreTrainedTokenizerBase, key: str) -> None:
         """One line naming ``key`` if this format's own text (system prompt, role names,
@@ -121,25 +122,6 @@ class ConversationTemplate:
                     f"{key}: the tokenizer cannot represent {unknown[:3] or [text]!r} of this format's text "
                     f"(it becomes {tokenizer.unk_token!r}); choose another template or tokenizer"
                 )
-
-    @staticmethod
-    def _segment_ids(
-        content: str | EndOfSequence,
-        tokenizer: PreTrainedTokenizerBase,
-        image_token_id: int,
-        num_image_tokens: int,
-    ) -> list[int]:
-        if isinstance(content, EndOfSequence):
-            return [tokenizer.eos_token_id]
-        ids: list[int] = []
-        # <image> is expanded to the encoder+connector's token count here, so every sequence
-        # length is known before the model runs.
-        for index, piece in enumerate(content.split(IMAGE_TOKEN)):
-            if index:
-                ids += [image_token_id] * num_image_tokens
-            if piece:
-                ids += tokenizer.encode(piece, add_special_tokens=False)
-        return ids
 
 
 class ChatTemplate(ConversationTemplate):

@@ -169,3 +169,46 @@ def test_a_token_across_the_edge_of_a_reply_fails_the_sample_with_its_reason(tok
     # "circles" is one token in every tokenizer here, and the trained span ends inside it.
     with pytest.raises(DataError, match="crosses the edge of a reply"):
         encode_rendered(RenderedConversation("two circles", trained=((0, 7),)), tokenizer, NUM_IMAGE_TOKENS)
+
+
+def _hf_messages(conversation: list[dict]) -> list[dict]:
+    """The same conversation as transformers' chat messages: an image part where ``<image>\\n`` was."""
+    messages = []
+    for index, turn in enumerate(conversation):
+        text = turn["value"]
+        parts = [{"type": "image"}] if text.startswith(IMAGE_TOKEN + "\n") else []
+        parts.append({"type": "text", "text": text.removeprefix(IMAGE_TOKEN + "\n")})
+        messages.append({"role": ("user", "assistant")[index % 2], "content": parts})
+    return messages
+
+
+@pytest.mark.parametrize("template_name", ["vicuna_v1", "llava_v0", "plain"])
+def test_an_exported_chat_template_and_processor_give_the_training_ids(tokenizer, template_name, tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM
+
+    from conftest import compose
+    from mmkit.models.build import build_model
+    from mmkit.models.hf_llava import hf_processor
+
+    language = tmp_path / "language"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(language)
+    tokenizer.save_pretrained(language)
+    cfg = compose([f"decoder.path={language}", f"template={template_name}"])
+    model = build_model(cfg)
+    hf_processor(cfg, model).save_pretrained(tmp_path / "hf")
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    template = TEMPLATES.build({"name": template_name}, "template")
+    image = Image.new("RGB", (64, 64), (200, 30, 30))
+
+    conversation = CONVERSATIONS["image at the start, several turns"]
+    conversation = conversation[:2] if template_name == "plain" else conversation
+    for turns, for_generation in ([conversation, False], [conversation[:-1], True]):
+        if template_name == "plain" and for_generation:
+            continue  # plain has no generation prompt beyond the image
+        rendered = processor.apply_chat_template(_hf_messages(turns), tokenize=False,
+                                                 add_generation_prompt=for_generation)
+        hf_ids = list(processor(images=image, text=rendered)["input_ids"][0])
+        mmkit_ids = template.encode(turns, model.tokenizer, model.num_image_tokens, for_generation).input_ids
+        assert hf_ids == mmkit_ids

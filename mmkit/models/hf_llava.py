@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmkit.core.config import compose
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.llava_tokenization import image_text_for
 from mmkit.models.build import as_dict
 from mmkit.models.checkpoint_io import save_stage_weights
 from mmkit.models.connectors.mlp import MLPConnector
@@ -93,28 +94,13 @@ def hf_processor(cfg: DictConfig, model: VisionLanguageModel) -> Any:
     template = TEMPLATES.build(as_dict(cfg.template), "template")
     return LlavaProcessor(
         image_processor=image_processor,
-        tokenizer=_tokenizer_adding_bos(model.tokenizer),
+        tokenizer=model.tokenizer,
         patch_size=model.encoder.model.config.patch_size,
         vision_feature_select_strategy=SELECT_TO_STRATEGY[model.encoder.select],
         num_additional_image_tokens=model.encoder.num_prefix_tokens,
-        chat_template=template.jinja() if hasattr(template, "jinja") else None,
+        chat_template=template.jinja(image_text_for(model.tokenizer)) if hasattr(template, "jinja") else None,
         image_token="<image>",
     )
-
-
-def _tokenizer_adding_bos(tokenizer: Any) -> Any:
-    """mmkit's templates start every prompt with BOS; the chat template leaves that to the
-    tokenizer, so the exported one must add it, or HF users would prompt the model without it."""
-    bos, bos_id = tokenizer.bos_token, tokenizer.bos_token_id
-    if bos_id is None or tokenizer("a").input_ids[:1] == [bos_id]:
-        return tokenizer
-    from tokenizers.processors import TemplateProcessing
-
-    tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
-    )
-    return tokenizer
 
 
 def export_run(run: str | Path, out_dir: str | Path) -> Path:

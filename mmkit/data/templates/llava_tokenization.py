@@ -122,3 +122,20 @@ def _prefix_length(chunk: str, position: int, ids: list[int], tokenizer: PreTrai
         raise DataError("the text before a reply tokenizes differently on its own, so the reply's "
                         "tokens cannot be told apart without offsets (use a fast tokenizer)")
     return len(prefix)
+
+
+def image_text_for(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What a chat template should write for an image so that tokenizing the whole prompt at once
+    (as transformers' processors do) gives the ids of LLaVA's tokenization, which tokenizes the
+    text after each image on its own. SentencePiece tokenizers start every text they tokenize with
+    a word-boundary marker (the dummy prefix) but add none after a special token inside a text: for
+    them the image is followed by a space, which becomes that marker."""
+    probe = "\nWhat is it?"
+    alone = tokenizer(probe, add_special_tokens=False).input_ids
+    for image_text in (IMAGE_TOKEN, IMAGE_TOKEN + " "):
+        if tokenizer(image_text + probe, add_special_tokens=False).input_ids[1:] == alone:
+            return image_text
+    raise DataError(
+        f"{type(tokenizer).__name__}: no text after {IMAGE_TOKEN} makes one-pass tokenization agree with "
+        "LLaVA's per-chunk tokenization, so an exported chat template would prompt the model differently"
+    )

@@ -151,11 +151,14 @@ class ChatTemplate(ConversationTemplate):
                     segments.append(Segment(EOS, trained=True))
         return segments
 
-    def jinja(self) -> str:
+    def jinja(self, image_text: str = IMAGE_TOKEN) -> str:
         """The same format as a transformers chat template (``apply_chat_template``), for exported
         models: a ``system`` message replaces the default system prompt, image parts become
-        ``<image>`` lines ahead of the text, and ``add_generation_prompt`` needs nothing added
-        because every human turn already ends with the assistant's header."""
+        ``image_text`` lines ahead of the text, and ``add_generation_prompt`` needs nothing added
+        because every human turn already ends with the assistant's header. ``image_text`` is
+        ``<image>`` plus what a processor's one-pass tokenization needs after it to give the ids
+        of LLaVA's tokenization, which tokenizes the text after an image on its own
+        (:func:`mmkit.data.templates.llava_tokenization.image_text_for`)."""
         human_prefix, human_suffix = self.human_format.split("{text}")
         reply_prefix, reply_suffix = self.reply_format.split("{text}")
         eos = "{{ eos_token }}" if self.reply_ends_with_eos else ""
@@ -165,7 +168,7 @@ class ChatTemplate(ConversationTemplate):
             "{%- if message['content'] is string -%}{%- set ns.text = message['content'] -%}"
             "{%- else -%}{%- set ns.text = '' -%}"
             "{%- for part in message['content'] if part['type'] == 'image' -%}"
-            "{%- set ns.text = ns.text + '" + IMAGE_TOKEN + "\n' -%}{%- endfor -%}"
+            "{%- set ns.text = ns.text + " + _jinja_string(image_text + "\n") + " -%}{%- endfor -%}"
             "{%- for part in message['content'] if part['type'] == 'text' -%}"
             "{%- set ns.text = ns.text + part['text'] -%}{%- endfor -%}"
             "{%- endif -%}"

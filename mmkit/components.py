@@ -5,6 +5,7 @@ import mmkit.data.datasets.llava_json  # noqa: F401
 import mmkit.data.datasets.scienceqa  # noqa: F401
 import mmkit.data.datasets.shards  # noqa: F401
 import mmkit.data.datasets.synthetic  # noqa: F401
+import mmkit.data.templates.hf_chat  # noqa: F401
 import mmkit.data.templates.llava_v0  # noqa: F401
 import mmkit.data.templates.plain  # noqa: F401
 import mmkit.data.templates.vicuna_v1  # noqa: F401

@@ -167,7 +167,7 @@ def test_a_run_exported_by_the_cli_loads_in_transformers_alone(lively_run, tmp_p
     assert hf_text == model.tokenizer.decode(mmkit_generated, skip_special_tokens=True) and len(hf_text) > 5
 
 
-def _hf_llava(tmp_path, layer: int, strategy: str):
+def _hf_llava(tmp_path, layer: int, strategy: str, chat_template: str | None = None):
     """A small random HF Llava folder with its processor, made by transformers alone."""
     from transformers import (
         CLIPVisionConfig,
@@ -195,7 +195,7 @@ def _hf_llava(tmp_path, layer: int, strategy: str):
     model.save_pretrained(tmp_path)
     image_processor = LlavaImageProcessor(do_pad=True, size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8, num_additional_image_tokens=1,
-                   vision_feature_select_strategy=strategy).save_pretrained(tmp_path)
+                   vision_feature_select_strategy=strategy, chat_template=chat_template).save_pretrained(tmp_path)
     return model
 
 
@@ -232,3 +232,53 @@ def test_the_cli_imports_and_refuses_with_one_line(tmp_path):
 
     missing = run_cli(["-m", "mmkit.export", "from-hf", str(tmp_path / "nowhere"), str(tmp_path / "run2")])
     assert missing.returncode == 2 and missing.stderr.startswith("error: ") and "Traceback" not in missing.stderr
+
+
+# llava-hf's format for LLaVA-1.5: no system prompt, "USER: <image>\n... ASSISTANT:".
+LLAVA_HF_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+    "{% for part in message['content'] if part['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
+    "{% for part in message['content'] if part['type'] == 'text' %}{{ part['text'] }}{% endfor %}"
+    "{% if message['role'] == 'user' %}{{ ' ' }}{% else %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+
+def test_hf_to_mmkit_to_hf_keeps_the_prompt_format_and_changes_no_weight(tmp_path):
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mmkit.core.registry import TEMPLATES
+    from mmkit.models.hf_llava import export_run, import_hf
+    from mmkit.models.load import load_run
+
+    hf_model = _hf_llava(tmp_path / "hf", -2, "default", chat_template=LLAVA_HF_TEMPLATE)
+    import_hf(tmp_path / "hf", tmp_path / "run")
+    export_run(tmp_path / "run", tmp_path / "back")
+    kept = [p.name for p in (tmp_path / "hf").iterdir() if p.name not in {"model.safetensors", "config.json",
+                                                                            "generation_config.json"}]
+    assert {"chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(kept)
+    for name in kept:
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "hf" / name).read_bytes(), name
+
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the circle?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert prompt == "USER: <image>\nWhat colour is the circle? ASSISTANT:"
+    inputs = processor(images=Image.new("RGB", (32, 32), (200, 30, 30)), text=prompt, return_tensors="pt")
+    back = LlavaForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
+    with torch.no_grad():
+        assert torch.equal(back(**inputs).logits, hf_model(**inputs).logits)
+        greedy = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(back.generate(**inputs, **greedy), hf_model.generate(**inputs, **greedy))
+
+    # mmkit prompts the imported model in its own format, not in vicuna_v1's.
+    cfg, model = load_run(tmp_path / "run")
+    assert cfg.template.name == "hf_chat"
+    template = TEMPLATES.build(dict(cfg.template), "template")
+    turns = [("human", "<image>\nWhat colour is the circle?")]
+    assert template.render(turns, model.tokenizer.eos_token).text == prompt
+    conversation = [{"from": "human", "value": "<image>\nWhat colour is the circle?"}, {"from": "gpt", "value": "Red."}]
+    encoded = template.encode(conversation, model.tokenizer, model.num_image_tokens)
+    trained = [token for token, label in zip(encoded.input_ids, encoded.labels) if label != -100]
+    assert model.tokenizer.decode(trained).strip() == "Red." + model.tokenizer.eos_token

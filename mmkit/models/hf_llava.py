@@ -8,6 +8,7 @@ and the configs differ.
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from mmkit.core.config import compose
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import TEMPLATES
+from mmkit.data.templates.hf_chat import read_chat_template
 from mmkit.data.templates.llava_tokenization import image_text_for
 from mmkit.models.build import as_dict
 from mmkit.models.checkpoint_io import save_stage_weights
@@ -29,6 +31,11 @@ SELECT_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 STRATEGY_TO_SELECT = {strategy: select for select, strategy in SELECT_TO_STRATEGY.items()}
 # The stage whose checkpoint holds an imported model's projector.
 IMPORTED_STAGE = "finetune"
+# An imported model's processor, tokenizer and chat template, copied from its source folder
+# unchanged, so that export writes them back as they were.
+SOURCE_PROCESSOR = "hf_processor"
+PROCESSOR_FILES = ("chat_template.jinja", "chat_template.json", "processor_config.json", "preprocessor_config.json",
+                   "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt")
 
 
 def _projector_layers(model: VisionLanguageModel, connector_name: str) -> tuple[torch.nn.Linear, torch.nn.Linear]:
@@ -104,15 +111,32 @@ def hf_processor(cfg: DictConfig, model: VisionLanguageModel) -> Any:
 
 
 def export_run(run: str | Path, out_dir: str | Path) -> Path:
-    """``python -m mmkit.export to-hf``: a run folder (or one stage's checkpoint in it) -> an HF folder."""
-
+    """``python -m mmkit.export to-hf``: a run folder (or one stage's checkpoint in it) -> an HF folder.
+    A model imported from an HF folder gets that folder's processor, tokenizer and chat template
+    back unchanged; any other gets a processor that prompts and prepares images as mmkit trained it."""
     cfg, model = load_run(run)
-    llava = to_hf_llava(cfg, model)
-    processor = hf_processor(cfg, model)
     out = Path(out_dir)
-    llava.save_pretrained(out)
-    processor.save_pretrained(out)
+    to_hf_llava(cfg, model).save_pretrained(out)
+    kept = _run_folder(run) / SOURCE_PROCESSOR
+    if kept.is_dir():
+        _copy_processor_files(kept, out)
+    else:
+        hf_processor(cfg, model).save_pretrained(out)
     return out
+
+
+def _run_folder(run: str | Path) -> Path:
+    """The run folder of ``run``, which may name one stage's weights inside it."""
+    path = Path(run)
+    return path.parent.parent if path.is_file() else path
+
+
+def _copy_processor_files(source: Path, target: Path) -> None:
+    """Byte for byte: the processor, tokenizer and chat template files, and nothing else."""
+    target.mkdir(parents=True, exist_ok=True)
+    for pattern in PROCESSOR_FILES:
+        for path in source.glob(pattern):
+            shutil.copy2(path, target / path.name)
 
 
 def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
@@ -149,6 +173,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
     language_model.tie_weights()
     language_model.save_pretrained(language_dir)
     processor.tokenizer.save_pretrained(language_dir)
+    _copy_processor_files(hf_dir, out / SOURCE_PROCESSOR)
 
     projector = llava.model.multi_modal_projector
     connector_state = {
@@ -158,7 +183,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
     }
     save_stage_weights(connector_state, set(connector_state), out / IMPORTED_STAGE, {"imported_from": str(hf_dir)})
 
-    overrides = _imported_overrides(config, image_processor, vision_dir, language_dir)
+    overrides = _imported_overrides(config, image_processor, vision_dir, language_dir, out / SOURCE_PROCESSOR)
     (out / ".hydra").mkdir(parents=True, exist_ok=True)
     OmegaConf.save(compose([*overrides, "evaluation=none"]), out / ".hydra" / "config.yaml")
     weights = (out / IMPORTED_STAGE / "trainable.safetensors").resolve()
@@ -184,10 +209,14 @@ def _size(size: Any) -> int | None:
     return getattr(size, "height", None) or getattr(size, "shortest_edge", None)
 
 
-def _imported_overrides(config: Any, image_processor: Any, vision_dir: Path, language_dir: Path) -> list[str]:
+def _imported_overrides(config: Any, image_processor: Any, vision_dir: Path, language_dir: Path,
+                        processor_dir: Path) -> list[str]:
+    # The model's own chat template where it has one: it was trained on that format.
+    own_format = read_chat_template(processor_dir) is not None
+    template = ["template=hf_chat", f"template.path={processor_dir.resolve()}"] if own_format else ["template=vicuna_v1"]
     return [
         "recipe=no_stage1",
-        "template=vicuna_v1",
+        *template,
         f"encoder.path={vision_dir.resolve()}",
         f"encoder.layer={config.vision_feature_layer}",
         f"encoder.select={STRATEGY_TO_SELECT[config.vision_feature_select_strategy]}",

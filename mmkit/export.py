@@ -1,8 +1,9 @@
-"""Move models between mmkit and transformers' LlavaForConditionalGeneration (llava-hf) format.
+"""Move models between mmkit and transformers' LlavaForConditionalGeneration (llava-hf) format, and import LLaVA's own.
 
     python -m mmkit.export to-hf RUN_FOLDER OUT_DIR
     python -m mmkit.export to-hf RUN_FOLDER/finetune/trainable.safetensors OUT_DIR
     python -m mmkit.export from-hf llava-1.5-7b-hf OUT_RUN_FOLDER
+    python -m mmkit.export from-llava llava-v1.5-7b OUT_RUN_FOLDER   (haotian-liu/LLaVA's LlavaLlamaForCausalLM)
 """
 from __future__ import annotations
 
@@ -21,17 +22,25 @@ def main(argv: list[str] | None = None) -> int:
     from_hf = sub.add_parser("from-hf", help="turn an HF Llava folder into an mmkit run folder (model=OUT)")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("out_dir")
+    from_llava = sub.add_parser("from-llava", help="turn a LLaVA folder (haotian-liu/LLaVA's LlavaLlamaForCausalLM) "
+                                "into an mmkit run folder (model=OUT)")
+    from_llava.add_argument("llava_dir")
+    from_llava.add_argument("out_dir")
     args = parser.parse_args(argv)
 
     # Deferred: transformers loads only once the arguments are good.
     from mmkit.models.hf_llava import export_run, import_hf
+    from mmkit.models.llava_original import import_llava
 
     try:
         if args.command == "to-hf":
             out = export_run(args.run, args.out_dir)
             print(f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
         else:
-            overrides = import_hf(args.hf_dir, args.out_dir)
+            if args.command == "from-hf":
+                overrides = import_hf(args.hf_dir, args.out_dir)
+            else:
+                overrides = import_llava(args.llava_dir, args.out_dir)
             print(f"wrote {args.out_dir}: use it as model={args.out_dir}; to train on from it:")
             print("python -m mmkit.train " + " ".join(overrides))
     except (MmkitError, OSError) as exc:  # OSError: transformers' "not a model folder"

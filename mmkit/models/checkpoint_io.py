@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -50,3 +51,40 @@ def load_stage_weights(model: nn.Module, path: Path, only_prefix: str | None = N
         )
     model.load_state_dict(tensors, strict=False)
     return sorted(tensors)
+
+
+def load_torch_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """The tensors of a PyTorch ``.bin`` (a ``torch.save``d mapping of names to tensors), as other
+    projects release their weights (LLaVA's ``mm_projector.bin``, sharded ``pytorch_model-*.bin``).
+
+    Read with ``weights_only=True``: the restricted unpickler builds tensors and plain containers
+    only, so a file holding any other object is refused before that object is made (a pickle can
+    run code as it is read). What it does build must be names mapped to tensors; anything else is
+    refused naming its key. ``what`` starts every error: the file, or the config key that named it.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file")
+    try:
+        # mmap: a multi-gigabyte shard is paged in as its tensors are used, not read whole first;
+        # only the zip format (torch.save's since 1.6) can be mapped.
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001  UnpicklingError, RuntimeError, EOFError... all mean "unreadable"
+        raise ConfigError(f"{what}: not a tensor file that torch.load(weights_only=True) reads "
+                          f"({_one_line(exc)})") from None
+    if not isinstance(loaded, Mapping):
+        raise ConfigError(f"{what}: holds a {type(loaded).__name__}, not a mapping of names to tensors")
+    for key, value in loaded.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ConfigError(f"{what}: key {key!r} is not a tensor ({type(value).__name__}); "
+                              "mmkit reads only names mapped to tensors")
+    return dict(loaded)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The telling line of a multi-line error: torch's weights_only refusal explains over several
+    lines how to load the file anyway, then names the object it refused, then how to allow that
+    object; only the name says what is wrong, and mmkit offers neither way round."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    telling = [line.split(" Please use")[0] for line in lines if "WeightsUnpickler error" in line]
+    return (telling or lines or [type(exc).__name__])[0]

@@ -26,6 +26,7 @@ from mmkit.data.samples import SampleEncoder
 from mmkit.inference.from_run import build_generator
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights, save_stage_weights
+from mmkit.models.llava_original import load_llava_projector
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint
@@ -83,6 +84,10 @@ def _init_connector(model: VisionLanguageModel, source: str | None, previous: Pa
     path = previous if source == PREVIOUS else Path(source)
     if path is None:
         return None  # first stage of the recipe: the connector starts from its random init
+    if path.suffix == ".bin":
+        # LLaVA's released stage-1 projectors (mm_projector.bin), in LLaVA's parameter names.
+        load_llava_projector(model, path, f"{key}.connector_from={source}")
+        return str(path)
     if not path.is_file() or not any(k.startswith("connector.") for k in _checkpoint_keys(path)):
         raise ConfigError(f"{key}.connector_from={source!r}: {path} is not a checkpoint with connector weights")
     load_stage_weights(model, path, only_prefix="connector.")

@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     # Deferred: transformers loads only once the arguments are good.
-    from mmkit.models.hf_llava import export_run, import_hf
-    from mmkit.models.llava_original import import_llava
+    from mmkit.interchange.hf_llava import export_run, import_hf
+    from mmkit.interchange.llava_original import import_llava
 
     try:
         if args.command == "to-hf":

@@ -12,6 +12,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "core": ("core",),
     "models": ("models",),
     "data": ("data", "synth", "datagen"),
+    "interchange": ("interchange",),
     "inference": ("inference",),
     "evaluation": ("evaluation",),
     "serving": ("serving",),
@@ -22,11 +23,12 @@ MAY_IMPORT: dict[str, set[str]] = {
     "core": set(),
     "models": {"core"},
     "data": {"core"},
+    "interchange": {"core", "models", "data"},
     "inference": {"core", "models", "data"},
     "evaluation": {"core", "models", "data", "inference"},
     "serving": {"core", "models", "data", "inference"},
-    "training": {"core", "models", "data", "inference", "evaluation"},
-    "tools": {"core", "models", "data", "inference", "evaluation", "training"},
+    "training": {"core", "models", "data", "interchange", "inference", "evaluation"},
+    "tools": {"core", "models", "data", "interchange", "inference", "evaluation", "training"},
 }
 ENTRY = "entry"
 

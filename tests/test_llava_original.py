@@ -192,7 +192,7 @@ CASES = [
 @pytest.mark.parametrize("projector,fmt,shards,layer,select,aspect,tower", CASES)
 def test_an_imported_llava_folder_gives_llavas_logits(tmp_path, projector, fmt, shards, layer, select, aspect, tower):
     from mmkit.data.images import ImageProcessor
-    from mmkit.models.llava_original import import_llava
+    from mmkit.interchange.llava_original import import_llava
     from mmkit.models.load import load_run
 
     parts = make_llava(tmp_path, projector, fmt, shards, layer, select, aspect, tower_in_weights=tower)
@@ -224,7 +224,7 @@ def test_an_imported_llava_folder_gives_llavas_logits(tmp_path, projector, fmt, 
 
 def test_a_tower_trained_with_the_llm_is_taken_from_the_weights(tmp_path):
     """unfreeze_mm_vision_tower: LLaVA runs the checkpoint's tower, not mm_vision_tower's."""
-    from mmkit.models.llava_original import import_llava
+    from mmkit.interchange.llava_original import import_llava
     from mmkit.models.load import load_run
 
     parts = make_llava(tmp_path, unfreeze_mm_vision_tower=True)
@@ -260,7 +260,7 @@ def test_a_tower_trained_with_the_llm_is_taken_from_the_weights(tmp_path):
     ({"mm_projector_type": "mlp3x_gelu"}, "the projector lacks the connector's connector.layers.4.bias"),
 ])
 def test_what_mmkit_cannot_reproduce_is_refused_in_one_line(tmp_path, change, message):
-    from mmkit.models.llava_original import import_llava
+    from mmkit.interchange.llava_original import import_llava
 
     parts = make_llava(tmp_path, **change)
     with pytest.raises(ConfigError) as error:
@@ -270,7 +270,7 @@ def test_what_mmkit_cannot_reproduce_is_refused_in_one_line(tmp_path, change, me
 
 
 def test_llava_1_5s_model_type_and_other_folders(tmp_path):
-    from mmkit.models.llava_original import import_llava, read_llava_folder
+    from mmkit.interchange.llava_original import import_llava, read_llava_folder
 
     # LLaVA-1.5's "llava_llama"; a patch token LLaVA's prompts never use; the tower beside the model.
     parts = make_llava(tmp_path, model_type="llava_llama", mm_use_im_patch_token=True, mm_vision_tower="../clip")
@@ -290,12 +290,6 @@ def test_llava_1_5s_model_type_and_other_folders(tmp_path):
         import_llava(parts.folder, tmp_path / "run")
 
 
-def test_the_imported_stage_is_the_one_from_hf_uses():
-    from mmkit.models import hf_llava, imported_run
-
-    assert imported_run.IMPORTED_STAGE == hf_llava.IMPORTED_STAGE
-
-
 # A released stage-1 projector as a stage's connector_from.
 
 @pytest.fixture(scope="module")
@@ -303,7 +297,7 @@ def imported(tmp_path_factory):
     """The configs of an imported mlp2x_gelu folder and of a linear one."""
     from omegaconf import OmegaConf
 
-    from mmkit.models.llava_original import import_llava
+    from mmkit.interchange.llava_original import import_llava
 
     found = {}
     for kind in ("mlp2x_gelu", "linear"):
@@ -321,7 +315,7 @@ def _fresh(cfg):
 
 @pytest.mark.parametrize("kind", ["mlp2x_gelu", "linear"])
 def test_a_released_mm_projector_bin_loads_as_connector_from(imported, tmp_path, kind):
-    from mmkit.models.llava_original import projector_to_connector
+    from mmkit.interchange.llava_original import projector_to_connector
     from mmkit.training.recipe import _init_connector
 
     cfg = imported[kind]

@@ -5,7 +5,7 @@
 
 Builds a small random run folder (a CLIP vision tower, an mlp2x_gelu connector and a Llama decoder,
 random large-ish init so greedy replies do not collapse onto one token), exports it with
-``mmkit.models.hf_llava.export_run`` and loads both sides from disk:
+``mmkit.interchange.hf_llava.export_run`` and loads both sides from disk:
 
 * mmkit: ``load_run`` + ``build_generator`` (the ``AnswerGenerator`` every evaluator and the server
   use): ``_inputs`` (template + tokenisation + image processing) then ``_generate``
@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as tmp:
         root = args.workdir or Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
-        from mmkit.models.hf_llava import export_run
+        from mmkit.interchange.hf_llava import export_run
 
         run = build_run(root, args)
         hf_dir = export_run(run, root / "hf")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Shape, alternate, build_random_vlm, llava_instruct_lengths, make_samples, markdown_table, median  # noqa: E402
 
 from mmkit.data.collate import Collator, length_grouped  # noqa: E402
-from mmkit.models.hf_llava import to_hf_llava  # noqa: E402
+from mmkit.interchange.hf_llava import to_hf_llava  # noqa: E402
 
 MIXES = {
     # LLaVA-1.5's proportions (576 image tokens + text) scaled by 1/9: 64 image tokens + text / 9.

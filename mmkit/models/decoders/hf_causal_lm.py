@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,10 +24,35 @@ from mmkit.models.decoders.language_decoder import LanguageDecoder
 from mmkit.models.hf_configs import read_hf_config
 from mmkit.models.hub import resolve_model_path
 
+try:  # newer transformers (5.25 here) may keep a GGUF file's weights packed unless told to dequantize them
+    from transformers import GgufConfig
+except ImportError:  # older versions always dequantize
+    GgufConfig = None
 
-def prepare_tokenizer(path: str, model_max_length: int | None = None) -> PreTrainedTokenizerBase:
-    """Load a tokenizer and give it the ``<image>`` and pad tokens LLaVA training needs."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(path))
+
+def locate_weights(path: str, gguf_file: str | None = None) -> tuple[str, dict[str, Any]]:
+    """``path`` resolved (``decoder.path``), and the ``gguf_file`` option of transformers'
+    ``from_pretrained`` when the weights are a GGUF file in it (transformers dequantizes them)."""
+    local = resolve_model_path(path, "decoder.path")
+    if not gguf_file:
+        return local, {}
+    if importlib.util.find_spec("gguf") is None:
+        raise ConfigError(f"decoder.gguf_file={gguf_file}: transformers reads GGUF files with the gguf package; "
+                          "pip install gguf")
+    folder = Path(local).expanduser()
+    if folder.is_dir() and not (folder / gguf_file).is_file():
+        there = sorted(p.name for p in folder.glob("*.gguf"))
+        raise ConfigError(f"decoder.gguf_file={gguf_file}: no such file in {folder} (GGUF files there: "
+                          f"{', '.join(there) or 'none'})")
+    return local, {"gguf_file": gguf_file}
+
+
+def prepare_tokenizer(path: str, model_max_length: int | None = None,
+                      gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a tokenizer (from ``gguf_file`` in ``path`` when given) and give it the ``<image>``
+    and pad tokens LLaVA training needs."""
+    local, gguf = locate_weights(path, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(local, **gguf)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -125,12 +152,21 @@ class HFCausalLM(LanguageDecoder):
         lora: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         compile: bool = False,
+        gguf_file: str | None = None,
     ) -> "HFCausalLM":
-        """The LM and tokenizer saved at ``path`` (a hub id, a folder, ``zoo://NAME``), the
-        vocabulary grown by the tokens :func:`prepare_tokenizer` adds."""
-        tokenizer = prepare_tokenizer(path, model_max_length)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **_model_options(dtype, attn_implementation)}
-        model = AutoModelForCausalLM.from_pretrained(resolve_model_path(path), **kwargs)
+        """The LM and tokenizer saved at ``path`` (a hub id, a folder, ``zoo://NAME``,
+        ``package://PACKAGE``), or in the GGUF file ``gguf_file`` there, the vocabulary grown by the
+        tokens :func:`prepare_tokenizer` adds."""
+        tokenizer = prepare_tokenizer(path, model_max_length, gguf_file)
+        local, gguf = locate_weights(path, gguf_file)
+        if gguf and GgufConfig is not None:
+            # Dequantized to dense weights, as training needs: transformers may otherwise keep a
+            # GGUF file's weights packed where it has kernels for them, which cannot be trained,
+            # and it marks the model quantized, which its exported copy would claim as well.
+            gguf["quantization_config"] = GgufConfig(dequantize=True)
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **gguf,
+                                  **_model_options(dtype, attn_implementation)}
+        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             # <image> positions are always overwritten by image features, so its init is irrelevant.
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
@@ -171,10 +207,14 @@ class HFCausalLM(LanguageDecoder):
         lora: dict[str, Any] | None = None,
         trust_remote_code: bool = False,
         compile: bool = False,
+        gguf_file: str | None = None,
     ) -> "HFCausalLM":
-        """:meth:`from_config` with the config read from ``path`` (no weights, no tokenizer, so
-        ``model_max_length`` has nothing to set) and changed by ``config_overrides``."""
-        fields = {**read_hf_config(path, "decoder.path"), **(config_overrides or {})}
+        """:meth:`from_config` with the config read from ``path`` (from ``gguf_file``'s metadata
+        when given; no weights, no tokenizer, so ``model_max_length`` has nothing to set) and
+        changed by ``config_overrides``."""
+        if gguf_file:
+            locate_weights(path, gguf_file)  # the file's errors, named, before transformers reads it
+        fields = {**read_hf_config(path, "decoder.path", gguf_file), **(config_overrides or {})}
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
         return cls.from_config(config, dtype, attn_implementation, gradient_checkpointing, lora, trust_remote_code,
                                compile)

@@ -13,15 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from mmkit.core.config import compose
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import TEMPLATES
 from mmkit.data.templates.hf_chat import read_chat_template
 from mmkit.data.templates.llava_tokenization import image_text_for
+from mmkit.interchange.imported_run import write_imported_run
 from mmkit.models.build import as_dict
-from mmkit.models.checkpoint_io import save_stage_weights
 from mmkit.models.connectors.mlp import MLPConnector
 from mmkit.models.encoders.hf_clip import HFCLIPEncoder
 from mmkit.models.load import load_run
@@ -30,7 +29,6 @@ from mmkit.models.vlm import VisionLanguageModel
 SELECT_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 STRATEGY_TO_SELECT = {strategy: select for select, strategy in SELECT_TO_STRATEGY.items()}
 # The stage whose checkpoint holds an imported model's projector.
-IMPORTED_STAGE = "finetune"
 # An imported model's processor, tokenizer and chat template, copied from its source folder
 # unchanged, so that export writes them back as they were.
 SOURCE_PROCESSOR = "hf_processor"
@@ -181,13 +179,8 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
         for index, layer in ((0, projector.linear_1), (2, projector.linear_2))
         for name, tensor in layer.state_dict().items()
     }
-    save_stage_weights(connector_state, set(connector_state), out / IMPORTED_STAGE, {"imported_from": str(hf_dir)})
-
     overrides = _imported_overrides(config, image_processor, vision_dir, language_dir, out / SOURCE_PROCESSOR)
-    (out / ".hydra").mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(compose([*overrides, "evaluation=none"]), out / ".hydra" / "config.yaml")
-    weights = (out / IMPORTED_STAGE / "trainable.safetensors").resolve()
-    return [*overrides, f"recipe.stages.{IMPORTED_STAGE}.connector_from={weights}"]
+    return write_imported_run(out, overrides, connector_state, hf_dir)
 
 
 def _check_importable(config: Any, hf_dir: Path) -> None:

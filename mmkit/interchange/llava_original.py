@@ -40,9 +40,9 @@ from transformers import (
 from mmkit.core.atomic_io import atomic_path, write_text_atomically
 from mmkit.core.errors import ConfigError
 from mmkit.core.registry import CONNECTORS, load_components
+from mmkit.interchange.imported_run import write_imported_run
 from mmkit.models.checkpoint_io import load_torch_tensors
 from mmkit.models.hub import resolve_model_path
-from mmkit.models.imported_run import write_imported_run
 
 ARCHITECTURE = "LlavaLlamaForCausalLM"
 # LLaVA's config class says "llava" in most releases, "llava_llama" in some LLaVA-1.5 versions.

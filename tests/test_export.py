@@ -42,7 +42,7 @@ def _logits(model, ids: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
 def test_export_gives_the_same_logits_for_each_feature_layer_and_select_strategy(tmp_path, layer, select):
     from transformers import LlavaForConditionalGeneration
 
-    from mmkit.models.hf_llava import to_hf_llava
+    from mmkit.interchange.hf_llava import to_hf_llava
 
     cfg, model = _model([f"encoder.layer={layer}", f"encoder.select={select}"])
     to_hf_llava(cfg, model).save_pretrained(tmp_path)
@@ -62,7 +62,7 @@ def test_export_gives_the_same_logits_for_each_feature_layer_and_select_strategy
 
 
 def test_lora_runs_are_merged_on_export(tmp_path):
-    from mmkit.models.hf_llava import to_hf_llava
+    from mmkit.interchange.hf_llava import to_hf_llava
 
     cfg, model = _model(["decoder.lora.enabled=true"])
     with torch.no_grad():
@@ -79,7 +79,7 @@ def test_lora_runs_are_merged_on_export(tmp_path):
 
 def test_a_connector_hf_llava_has_no_slot_for_is_refused_clearly():
     from mmkit.core.errors import ConfigError
-    from mmkit.models.hf_llava import to_hf_llava
+    from mmkit.interchange.hf_llava import to_hf_llava
 
     cfg, model = _model(["connector=linear"])
     with pytest.raises(ConfigError, match="connector.name=linear: HF LlavaForConditionalGeneration's projector"):
@@ -91,7 +91,7 @@ def test_the_processor_prompts_and_prepares_images_as_mmkit_does(tmp_path):
 
     from mmkit.data.images import ImageProcessor
     from mmkit.data.templates.vicuna_v1 import VicunaV1Template
-    from mmkit.models.hf_llava import hf_processor
+    from mmkit.interchange.hf_llava import hf_processor
     from mmkit.synth.world import generate_scenes, render
 
     cfg, model = _model([])
@@ -201,7 +201,7 @@ def _hf_llava(tmp_path, layer: int, strategy: str, chat_template: str | None = N
 
 @pytest.mark.parametrize("layer,strategy", [(-2, "default"), (-1, "default"), (-2, "full"), (-1, "full")])
 def test_an_hf_llava_folder_imported_gives_the_same_logits(tmp_path, layer, strategy):
-    from mmkit.models.hf_llava import import_hf
+    from mmkit.interchange.hf_llava import import_hf
     from mmkit.models.load import load_run
 
     hf_model = _hf_llava(tmp_path / "hf", layer, strategy)
@@ -249,7 +249,7 @@ def test_hf_to_mmkit_to_hf_keeps_the_prompt_format_and_changes_no_weight(tmp_pat
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from mmkit.core.registry import TEMPLATES
-    from mmkit.models.hf_llava import export_run, import_hf
+    from mmkit.interchange.hf_llava import export_run, import_hf
     from mmkit.models.load import load_run
 
     hf_model = _hf_llava(tmp_path / "hf", -2, "default", chat_template=LLAVA_HF_TEMPLATE)

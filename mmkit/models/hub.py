@@ -38,7 +38,7 @@ def package_folder(name: str) -> Path:
         raise ConfigError(f"package://{name}: the Python package {name} is not installed; {install}")
     if not spec.submodule_search_locations:
         raise ConfigError(f"package://{name}: {name} is a module, not a package with a folder")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 register_resolver("package", package_folder)

@@ -12,7 +12,7 @@ from mmkit.zoo import model_folder, names
 ZOO_SCHEME = "zoo://"
 
 
-def hf_config(path: str, key: str) -> dict[str, Any]:
+def hf_config(path: str, key: str, gguf_file: str | None = None) -> dict[str, Any]:
     """The HF config of the model at ``path`` (config key ``key``), which must be here already."""
     if path.startswith(ZOO_SCHEME):
         name = path.removeprefix(ZOO_SCHEME)
@@ -21,7 +21,7 @@ def hf_config(path: str, key: str) -> dict[str, Any]:
         if not (model_folder(name) / "config.json").is_file():
             raise ConfigError(f"{key}={path}: this zoo model is not built yet, and planning builds nothing; "
                               f"build it first: python -m mmkit.zoo build {name}")
-    return read_hf_config(path, key)
+    return read_hf_config(path, key, gguf_file)
 
 
 def check_configs_here(cfg: Mapping[str, Any]) -> None:
@@ -30,4 +30,4 @@ def check_configs_here(cfg: Mapping[str, Any]) -> None:
     for key in ("encoder", "decoder"):
         path = cfg[key].get("path")
         if path:
-            hf_config(str(path), f"{key}.path")
+            hf_config(str(path), f"{key}.path", cfg[key].get("gguf_file"))

@@ -130,6 +130,9 @@ class FakeChatServer:
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 body = json.dumps(payload).encode()
+                # The request stops counting as in flight before its reply goes out: the client may
+                # send its next request the moment the reply arrives, before this thread moves on.
+                self._leave()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -150,13 +153,19 @@ class FakeChatServer:
                     server.authorizations.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                self._in_flight = True
                 try:
                     if server.delay_s:
                         time.sleep(server.delay_s)
                     self._answer(number, body)
                 finally:
-                    with server._lock:
+                    self._leave()
+
+            def _leave(self) -> None:
+                with server._lock:
+                    if getattr(self, "_in_flight", False):
                         server.in_flight -= 1
+                        self._in_flight = False
 
             def _answer(self, number: int, body: bytes) -> None:
                 if self.path.rstrip("/") != "/v1/chat/completions":

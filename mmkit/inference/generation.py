@@ -163,7 +163,9 @@ class AnswerGenerator:
                 continue
             if not started:  # a reply starts at its first visible character, as answer() gives it
                 pending = pending.lstrip()
-            safe = len(pending) - _longest_stop_prefix(pending, stops)
+            # Trailing whitespace waits for what follows it: at the end of a reply it is dropped, as
+            # answer() strips it.
+            safe = min(len(pending) - _longest_stop_prefix(pending, stops), len(pending.rstrip()))
             if safe > 0:
                 yield pending[:safe]
                 pending, started = pending[safe:], True

@@ -7,12 +7,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 # Nothing in the tests may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The real zoo pretraining code, at a scale that takes seconds (full-scale models are cached apart).
 os.environ["MMKIT_ZOO_SCALE"] = "0.02"
+# No .hypothesis/ example database in the checkout: the fuzz tests are seeded by their strategies.
+settings.register_profile("mmkit", database=None)
+settings.load_profile("mmkit")
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -40,6 +44,17 @@ def mmkit_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+CLI_CWD: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cli_working_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where commands run unless a test says otherwise: Hydra's ``outputs/`` of a command run
+    without ``hydra.run.dir`` lands here, never in the checkout."""
+    CLI_CWD.append(tmp_path_factory.mktemp("cwd"))
+    return CLI_CWD[0]
+
+
 def compose(overrides: list[str] | None = None):
     """The config ``python -m mmkit.train OVERRIDES`` would run, without running it."""
     from mmkit.core.config import compose as mmkit_compose
@@ -63,7 +78,8 @@ def tiny_model(default_cfg):
 def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``python ARGS`` as a real subprocess with the test session's environment."""
     return subprocess.run(
-        [sys.executable, *args], cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+        [sys.executable, *args], cwd=cwd or CLI_CWD[0], capture_output=True, text=True, timeout=timeout,
+        env=os.environ.copy()
     )
 
 

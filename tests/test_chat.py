@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import CLI_CWD
 
 from mmkit.inference.chat_session import ChatSession
 from mmkit.inference.from_run import build_generator
@@ -37,7 +37,7 @@ def test_a_conversation_encodes_its_image_once_and_answers_as_the_generator_does
 
 def _chat(args: list[str], stdin: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "mmkit.chat", *args], input=stdin, capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
+                          cwd=CLI_CWD[0], timeout=300)
 
 
 @pytest.mark.slow

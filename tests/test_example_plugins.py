@@ -4,6 +4,7 @@ by name, passes its own tests, and is an unknown name again without the install.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,9 +18,13 @@ PLUGINS = {"mmkit-dinov2": "encoder=dinov2_small", "mmkit-resampler": "connector
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Path:
     target = tmp_path_factory.mktemp("site")
+    # Built from copies: setuptools writes build/ and *.egg-info beside the sources it builds.
+    sources = tmp_path_factory.mktemp("plugin-sources")
+    for name in PLUGINS:
+        shutil.copytree(REPO / "plugins" / name, sources / name, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
-         *[str(REPO / "plugins" / name) for name in PLUGINS]],
+         *[str(sources / name) for name in PLUGINS]],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

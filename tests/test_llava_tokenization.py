@@ -184,12 +184,12 @@ def _hf_messages(conversation: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("template_name", ["vicuna_v1", "llava_v0", "plain"])
 def test_an_exported_chat_template_and_processor_give_the_training_ids(tokenizer, template_name, tmp_path):
+    from conftest import compose
     from PIL import Image
     from transformers import AutoProcessor, LlamaConfig, LlamaForCausalLM
 
-    from conftest import compose
-    from mmkit.models.build import build_model
     from mmkit.interchange.hf_llava import hf_processor
+    from mmkit.models.build import build_model
 
     language = tmp_path / "language"
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,

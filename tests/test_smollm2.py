@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_RUN, compose, run_cli
+from conftest import CLI_CWD, REPO, TINY_RUN, compose, run_cli
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from mmkit.core.errors import ConfigError
@@ -192,7 +192,7 @@ def test_the_chat_command_answers_a_line_on_stdin(full_run, loaded, scene):
     image, path = scene
     result = subprocess.run([sys.executable, "-m", "mmkit.chat", f"model={full_run}", f"image={path}",
                              f"max_new_tokens={MAX_TOKENS}"], input=f"{QUESTION}\n/quit\n", capture_output=True,
-                            text=True, cwd=REPO, timeout=600, check=False)
+                            text=True, cwd=CLI_CWD[0], timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("ASSISTANT: ") == 1
     reply = result.stdout.split("ASSISTANT: ", 1)[1].rstrip("\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 # The real zoo pretraining code, at a scale that takes seconds (full-scale models are cached apart).
 os.environ["MMKIT_ZOO_SCALE"] = "0.02"
-# No .hypothesis/ example database in the checkout: the fuzz tests are seeded by their strategies.
+# No .hypothesis/ in the checkout: no example database (the fuzz tests are seeded by their
+# strategies), and Hypothesis' other files in a temporary folder.
+os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = tempfile.mkdtemp(prefix="mmkit-hypothesis-")
 settings.register_profile("mmkit", database=None)
 settings.load_profile("mmkit")
 

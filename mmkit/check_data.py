@@ -78,7 +78,7 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
     # Deferred: these import torch and transformers; --help and a bad command line answer first.
     from mmkit.core.interfaces import IMAGE_TOKEN
     from mmkit.core.registry import DATASETS, TEMPLATES
-    from mmkit.data.images import ImageProcessor
+    from mmkit.data.images import ImageLimits, ImageProcessor
     from mmkit.data.inspection import CheckContext
     from mmkit.data.samples import SampleEncoder
     from mmkit.models.build import as_dict, build_model, check_component_names
@@ -99,7 +99,7 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
     sample_encoder = SampleEncoder(
         template,
         tokenizer,
-        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode, ImageLimits.from_config(cfg.get("image_limits"))),
         model.num_image_tokens,
         cfg.data.max_length,
     )

@@ -76,6 +76,14 @@ class SampleAnswersConfig:
 
 
 @dataclass
+class ImageLimitsConfig:
+    # mmkit.data.images.ImageLimits: images over these are skipped in training and evaluation
+    max_side: int = 16384
+    max_pixels: int = 50_000_000
+    max_working_pixels: int = 67_108_864
+
+
+@dataclass
 class MmkitConfig:
     encoder: Any = None
     connector: Any = None
@@ -93,6 +101,7 @@ class MmkitConfig:
     peak_tflops: Optional[float] = None
     log_sample_keys: bool = False
     sample_answers: SampleAnswersConfig = field(default_factory=SampleAnswersConfig)
+    image_limits: ImageLimitsConfig = field(default_factory=ImageLimitsConfig)
     # python -m mmkit.plan's own groups (conf/plan.yaml); training ignores them.
     hardware: Any = None
     plan: Any = None
@@ -114,6 +123,9 @@ _RANGES = [
     ("sample_answers.every_n_steps", lambda v: v >= 0, ">= 0 (0: at the end of each stage only)"),
     ("sample_answers.count", lambda v: v >= 0, ">= 0 (0: none)"),
     ("sample_answers.max_new_tokens", lambda v: v >= 1, ">= 1"),
+    ("image_limits.max_side", lambda v: v >= 1, "a positive number of pixels"),
+    ("image_limits.max_pixels", lambda v: v >= 1, "a positive number of pixels"),
+    ("image_limits.max_working_pixels", lambda v: v >= 1, "a positive number of pixels"),
     ("data.max_length", lambda v: isinstance(v, int) and v > 0, "a positive token count"),
     ("data.num_workers", lambda v: isinstance(v, int) and v >= 0, "a non-negative integer"),
     ("data.shuffle_buffer", lambda v: isinstance(v, int) and v >= 0, "a non-negative integer (0: no shuffling)"),

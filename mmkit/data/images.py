@@ -15,6 +15,8 @@ error) on a PNG whose compressed rows are corrupt, where PIL raises an ordinary 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +31,35 @@ MODES = ("crop", "pad")
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+@dataclass(frozen=True)
+class ImageLimits:
+    """How large an image mmkit decodes and preprocesses (config ``image_limits``; serve's ``limits``).
+
+    Sides and area are read from the header, before any pixel is decoded. ``max_working_pixels``
+    bounds what preprocessing allocates: the padded square in ``pad`` mode, the image resized to
+    the encoder's size before its crop in ``crop`` mode. A 40000x1 PNG is 118 bytes and 40000
+    pixels, yet its padded square is 1.6 billion, so the area alone bounds nothing.
+    """
+
+    max_side: int = 16384
+    max_pixels: int = 50_000_000
+    max_working_pixels: int = 67_108_864  # 8192 x 8192: 200 MB as uint8 RGB
+
+    @classmethod
+    def from_config(cls, node: Any) -> ImageLimits:
+        """``image_limits`` of a config; a run folder saved before the key existed gets the defaults."""
+        return cls(**node) if node is not None else cls()
+
+    def check_size(self, width: int, height: int) -> None:
+        if max(width, height) > self.max_side:
+            raise DataError(f"image too large: {width}x{height} has a side over the limit of {self.max_side}")
+        if width * height > self.max_pixels:
+            raise DataError(f"image too large: {width}x{height} is over the limit of {self.max_pixels} pixels")
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
 class ImageProcessor:
     """An image (PIL, uint8 ``[3,H,W]`` tensor, or encoded bytes) -> normalised ``[3, size, size]`` float tensor.
 
@@ -37,11 +68,12 @@ class ImageProcessor:
     transposed back and forth. The output is contiguous.
     """
 
-    def __init__(self, stats: ImageStats, mode: str = "pad") -> None:
+    def __init__(self, stats: ImageStats, mode: str = "pad", limits: ImageLimits = DEFAULT_LIMITS) -> None:
         if mode not in MODES:
             raise ConfigError(f"data.image_mode={mode!r}: choose one of {', '.join(MODES)}")
         self.stats = stats
         self.mode = mode
+        self.limits = limits
         # LLaVA-1.5 pads with the encoder's mean colour, which normalises to (about) zero; truncated
         # to uint8 as LLaVA's expand2square and transformers' LlavaImageProcessor do, so an exported
         # model's HF processor reproduces training's pixels exactly.
@@ -55,7 +87,27 @@ class ImageProcessor:
 
     def preprocess_bytes(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes -> normalised ``[3, size, size]``; DataError if they do not decode."""
-        return self.preprocess(decode_image_tensor(data))
+        return self.preprocess(self.decode(data))
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        """Encoded bytes -> RGB uint8 ``[3, H, W]``, refused with DataError before decoding if over
+        the limits, including the area preprocessing would need."""
+        if (size := header_size(data)) is not None:
+            self.check_size(*size)
+        return decode_image_tensor(data, self.limits)
+
+    def check_size(self, width: int, height: int) -> None:
+        """DataError if a ``width`` x ``height`` image is over the limits, preprocessing's area included."""
+        self.limits.check_size(width, height)
+        if self.mode == "pad":
+            working = max(width, height) ** 2
+        else:
+            short, long = sorted((width, height))
+            working = self.stats.size * int(self.stats.size * long / max(short, 1))
+        if working > self.limits.max_working_pixels:
+            what = "padded to a square" if self.mode == "pad" else "resized before its crop"
+            raise DataError(f"image too large: {width}x{height} {what} is {working} pixels, over the limit of "
+                            f"{self.limits.max_working_pixels} (image_limits.max_working_pixels)")
 
     def preprocess(self, pixels: torch.Tensor) -> torch.Tensor:
         """RGB uint8 ``[3, H, W]`` -> normalised float32 ``[3, size, size]``."""
@@ -66,6 +118,7 @@ class ImageProcessor:
         of the processing but the normalisation, so a loader can batch and ship 1 byte per value."""
         if pixels.dtype != torch.uint8 or pixels.ndim != 3 or pixels.shape[0] != 3:
             raise ValueError(f"expected an RGB uint8 [3, H, W] tensor, got {pixels.dtype} {tuple(pixels.shape)}")
+        self.check_size(pixels.shape[2], pixels.shape[1])
         if self.mode == "pad":
             pixels = self._pad_to_square(pixels)
         pixels = self._resize_shortest_edge(pixels, self.stats.size)
@@ -125,41 +178,50 @@ def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)
 
 
-def decode_image_tensor(data: bytes) -> torch.Tensor:
-    """Bytes -> RGB uint8 ``[3, H, W]``; a corrupt or truncated file raises DataError."""
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone (~40 us, no pixel decoded); None if PIL cannot read
+    the header, so the decoder gives the reason."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image too large: {exc}") from None
+    except Exception:  # noqa: BLE001 - PIL raises several types for data that is not an image
+        return None
+
+
+def decode_image_tensor(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """Bytes -> RGB uint8 ``[3, H, W]``; a corrupt or truncated file raises DataError, and so does
+    one over ``limits``, before its pixels are decoded."""
     if not data:
         raise DataError("undecodable image: the file is empty")
-    if data[:3] == JPEG_MAGIC:
-        _refuse_decompression_bombs(data)
-        try:
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-        except RuntimeError as exc:
-            # A JPEG variant libjpeg-turbo rejects may still be one PIL reads; if not, say why.
-            reason = str(exc).rsplit(", ", 1)[-1].strip()
-            try:
-                return pil_to_tensor(decode_image(data))
-            except DataError:
-                raise DataError(f"undecodable image: JPEG: {reason}") from None
-    return pil_to_tensor(decode_image(data))
-
-
-def _refuse_decompression_bombs(data: bytes) -> None:
-    """PIL reads the header alone (~40 us) and refuses oversized images, as decoding with PIL does."""
+    if data[:3] != JPEG_MAGIC:
+        return pil_to_tensor(decode_image(data, limits))
+    if (size := header_size(data)) is not None:
+        limits.check_size(*size)
     try:
-        Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
-        raise DataError(f"undecodable image: {exc}") from None
-    except Exception:  # noqa: BLE001
-        return  # an unreadable header: the decoder gives the reason
+        pixels = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as exc:
+        # A JPEG variant libjpeg-turbo rejects may still be one PIL reads; if not, say why.
+        reason = str(exc).rsplit(", ", 1)[-1].strip()
+        try:
+            return pil_to_tensor(decode_image(data, limits))
+        except DataError:
+            raise DataError(f"undecodable image: JPEG: {reason}") from None
+    limits.check_size(pixels.shape[2], pixels.shape[1])
+    return pixels
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> fully decoded PIL image; a corrupt or truncated file raises DataError."""
+def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """Bytes -> fully decoded PIL image; a corrupt or truncated file raises DataError, and so does
+    one over ``limits``, before its pixels are decoded."""
     try:
         image = Image.open(io.BytesIO(data))
+        limits.check_size(*image.size)
         image.load()
     except UnidentifiedImageError:
         raise DataError("undecodable image: not a recognised image format") from None
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image too large: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DataError(f"undecodable image: {exc}") from None
     return image

@@ -10,7 +10,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmkit.core.errors import DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
-from mmkit.data.images import ImageProcessor, decode_image_tensor
+from mmkit.data.images import ImageProcessor
 from mmkit.data.llava_records import IMAGE_EXTENSIONS
 from mmkit.data.templates.llava_tokenization import IGNORE_INDEX
 from mmkit.data.templates.template import ConversationTemplate
@@ -78,7 +78,8 @@ class SampleEncoder:
             raise DataError("no assistant tokens to train on")
         # uint8 until the model normalises it on its device: a quarter of the bytes through
         # the worker queues and host-to-device copies.
-        pixel_values = None if image_bytes is None else self.image_processor.resize_and_crop(decode_image_tensor(image_bytes))
+        pixel_values = None if image_bytes is None else self.image_processor.resize_and_crop(
+            self.image_processor.decode(image_bytes))
         return EncodedSample(
             key=key,
             input_ids=torch.tensor(encoded.input_ids, dtype=torch.long),

@@ -4,7 +4,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from mmkit.core.registry import TEMPLATES
-from mmkit.data.images import ImageProcessor
+from mmkit.data.images import ImageLimits, ImageProcessor
 from mmkit.inference.generation import AnswerGenerator
 from mmkit.models.build import as_dict
 from mmkit.models.vlm import VisionLanguageModel
@@ -17,7 +17,7 @@ def build_generator(
     return AnswerGenerator(
         model.eval(),
         TEMPLATES.build(as_dict(cfg.template), "template"),
-        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode, ImageLimits.from_config(cfg.get("image_limits"))),
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
     )

@@ -21,7 +21,7 @@ from mmkit.core.errors import ConfigError
 from mmkit.core.registry import DATASETS, EVALUATORS, TEMPLATES
 from mmkit.core.schema import check_ranges
 from mmkit.data.datamodule import ShardDataModule
-from mmkit.data.images import ImageProcessor
+from mmkit.data.images import ImageLimits, ImageProcessor
 from mmkit.data.samples import SampleEncoder
 from mmkit.inference.from_run import build_generator
 from mmkit.models.build import as_dict, build_model, check_component_names
@@ -108,7 +108,7 @@ def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLangu
     sample_encoder = SampleEncoder(
         template,
         model.tokenizer,
-        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode),
+        ImageProcessor(model.encoder.image_stats, cfg.data.image_mode, ImageLimits.from_config(cfg.get("image_limits"))),
         model.num_image_tokens,
         cfg.data.max_length,
     )

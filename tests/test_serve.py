@@ -185,24 +185,18 @@ def test_remote_images_are_fetched_only_when_enabled(tmp_path):
 def test_the_chat_page_is_served_offline_or_turned_off(web_page):
     import re
 
-    from mmkit.serving.app import ChatServer
+    from starlette.testclient import TestClient
 
-    server = ChatServer(("127.0.0.1", 0), batcher=None, limits=Limits(**_limit_defaults()), default_sampling=Sampling(8),
-                        served_model="m", web_page=web_page)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
-        connection.request("GET", "/")
-        response = connection.getresponse()
-        body = response.read().decode()
-    finally:
-        server.shutdown()
-        server.server_close()
+    from mmkit.serving.app import ServerSettings, create_app
+
+    settings = ServerSettings(Limits(**_limit_defaults()), Sampling(8), "m", web_page=web_page)
+    with TestClient(create_app(batcher=None, settings=settings)) as http:
+        response = http.get("/")
+    body = response.text
     if not web_page:
-        assert response.status == 404 and "no route GET /" in body
+        assert response.status_code == 404 and "no route GET /" in body
         return
-    assert response.status == 200 and response.getheader("Content-Type").startswith("text/html")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
     assert 'fetch("/v1/chat/completions"' in body and "stream: true" in body
     # Nothing is loaded from elsewhere: no src/href to another host, no CDN.
     assert not re.findall(r"""(?:src|href)=["']?(?:https?:)?//""", body) and "@import" not in body

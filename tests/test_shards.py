@@ -65,9 +65,10 @@ def _all_members(out: Path) -> dict[str, bytes]:
 
 def test_cli_reports_what_it_wrote_and_skipped(converted: dict) -> None:
     lines = converted["stdout"].strip().splitlines()
-    assert lines[0] == f"wrote 6 samples in 2 shards to {converted['out']}; skipped 1"
+    assert lines[0] == f"wrote 6 samples in 2 shards to {converted['out']}"
     assert lines[1].startswith("  skipped record 3 (id lost): image file not found: ")
     assert lines[1].endswith("missing.png")
+    assert lines[2:] == ["skipped 1 record: 1 image file not found"]
     # Shards appear only when complete: no partial file is left behind.
     assert sorted(p.name for p in converted["out"].iterdir()) == [
         "manifest.json", "shard-000000.tar", "shard-000001.tar"

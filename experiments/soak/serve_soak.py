@@ -91,22 +91,47 @@ def bad_requests(rng: random.Random) -> dict[str, Callable[[], tuple[bytes, dict
         "Content-Length not a number": to_chat(lambda: b"{}", {"Content-Length": "abc"}),
         "body over the limit": to_chat(lambda: b"x" * 300_000),
         "unknown path": lambda: (chat(hello), {}, "/v1/nowhere"),
+        # Issue 25's hostile requests: each must fail alone, with a 4xx, fast.
+        "<image> in the text": to_chat(lambda: chat([{"role": "user", "content": "<image> what is this?"}])),
+        "40000x1 image": to_chat(lambda: chat(with_image(data_url(png(Image.new("RGB", (40000, 1))))))),
+        "100000x1 image": to_chat(lambda: chat(with_image(data_url(huge_png_header(100000, 1))))),
+        "text over the character limit": to_chat(lambda: chat([{"role": "user", "content": "a" * 150_000}])),
+        "stop string too long": to_chat(lambda: chat(hello, stop="x" * 1000)),
+        "too many stop strings": to_chat(lambda: chat(hello, stop=[str(i) for i in range(50)])),
+        "temperature NaN": to_chat(lambda: chat(hello).replace(b"}]}", b"}], \"temperature\": NaN}")),
+        "temperature 1e-300": to_chat(lambda: chat(hello, temperature=1e-300)),
+        "max_tokens true": to_chat(lambda: chat(hello, max_tokens=True)),
+        "5000-digit integer": to_chat(lambda: chat(hello).replace(b"}]}", b"}], \"max_tokens\": " + b"9" * 5000 + b"}")),
+        "100000-deep nesting": to_chat(lambda: b"[" * 100_000 + b"]" * 100_000),
+        "lone surrogate": to_chat(lambda: chat([{"role": "user", "content": "\ud800"}])),
+        "text/plain body": to_chat(lambda: chat(hello), {"Content-Type": "text/plain"}),
     }
+
+
+# Refused by the HTTP layer (uvicorn's h11) before the app sees them: a 4xx, in plain text.
+FRAMING_ERRORS = {"Content-Length not a number"}
 
 
 def post(port: int, body: bytes, headers: dict[str, str], path: str = CHAT) -> tuple[int, dict]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
     try:
         connection.putrequest("POST", path)
-        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Type", headers.get("Content-Type", "application/json"))
         connection.putheader("Content-Length", headers.get("Content-Length", str(len(body))))
+        for name, value in headers.items():
+            if name not in ("Content-Type", "Content-Length"):
+                connection.putheader(name, value)
         connection.endheaders()
         try:
             connection.send(body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the server may answer and close before reading a body it refuses
         response = connection.getresponse()
-        return response.status, json.loads(response.read() or b"{}")
+        body = response.read()
+        try:
+            return response.status, json.loads(body or b"{}")
+        except json.JSONDecodeError:
+            return response.status, {"text": body.decode(errors="replace")}
     finally:
         connection.close()
 
@@ -195,7 +220,7 @@ def soak(model: str, requests: int, good_share: float, concurrency: int, seed: i
             if answer != reference[which]:
                 wrong.append({"kind": "good", "prompt": which, "status": status, "answer": answer,
                               "expected": reference[which]})
-        elif not (400 <= status < 500 and payload.get("error", {}).get("message")):
+        elif not (400 <= status < 500 and (payload.get("error", {}).get("message") or which in FRAMING_ERRORS)):
             wrong.append({"kind": which, "status": status, "payload": payload})
     first_tenth = [rss for moment, rss in samples if moment <= samples[0][0] + seconds / 10] if samples else [0]
     last_tenth = [rss for moment, rss in samples if moment >= samples[-1][0] - seconds / 10] if samples else [0]

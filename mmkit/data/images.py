@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -82,8 +83,10 @@ class ImageProcessor:
     def __call__(self, image: Image.Image | torch.Tensor | bytes) -> torch.Tensor:
         if isinstance(image, (bytes, bytearray, memoryview)):
             return self.preprocess_bytes(bytes(image))
-        pixels = image if isinstance(image, torch.Tensor) else pil_to_tensor(image)
-        return self.preprocess(pixels)
+        if isinstance(image, torch.Tensor):
+            return self.preprocess(image)
+        self.check_size(*image.size)  # before pil_to_tensor copies it
+        return self.preprocess(pil_to_tensor(image))
 
     def preprocess_bytes(self, data: bytes) -> torch.Tensor:
         """Encoded image bytes -> normalised ``[3, size, size]``; DataError if they do not decode."""
@@ -211,9 +214,24 @@ def decode_image_tensor(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> to
     return pixels
 
 
-def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def read_image_file(
+    path: Path, limits: ImageLimits | ImageProcessor = DEFAULT_LIMITS, name: str | None = None
+) -> Image.Image:
+    """The image file at ``path``, decoded, as :func:`decode_image`. A DataError starts with
+    ``name`` (default: the path), so the user sees which file is at fault."""
+    name = name or str(path)
+    try:
+        return decode_image(Path(path).read_bytes(), limits)
+    except OSError as exc:
+        raise DataError(f"{name}: {exc.strerror or exc}") from None
+    except DataError as exc:
+        raise DataError(f"{name}: {exc}") from None
+
+
+def decode_image(data: bytes, limits: ImageLimits | ImageProcessor = DEFAULT_LIMITS) -> Image.Image:
     """Bytes -> fully decoded PIL image; a corrupt or truncated file raises DataError, and so does
-    one over ``limits``, before its pixels are decoded."""
+    one over ``limits``, before its pixels are decoded (an ImageProcessor's limits include the area
+    its preprocessing needs)."""
     try:
         image = Image.open(io.BytesIO(data))
         limits.check_size(*image.size)

@@ -2,14 +2,13 @@
 in the terminal, usable from any program."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from PIL import Image
 
-from mmkit.core.errors import DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
-from mmkit.data.images import decode_image
+from mmkit.data.images import DEFAULT_LIMITS, ImageLimits, read_image_file
 from mmkit.inference.generation import AnswerGenerator, Prompt, Sampling
 
 
@@ -43,8 +42,6 @@ class ChatSession:
         self.turns = [*conversation, {"from": "gpt", "value": "".join(pieces)}]
 
 
-def open_image(path: str) -> Image.Image:
-    try:
-        return decode_image(Path(path).read_bytes())
-    except OSError as exc:
-        raise DataError(f"image={path}: {exc.strerror or exc}") from None
+def open_image(path: str, limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+    """The image file ``path``; one over ``limits`` is refused from its header. A DataError names it as ``image=PATH``."""
+    return read_image_file(Path(path), limits, name=f"image={path}")

@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmkit.core.errors import ConfigError, DataError
-from mmkit.data.images import ImageProcessor, decode_image
+from mmkit.data.images import DEFAULT_LIMITS, ImageLimits, ImageProcessor, read_image_file
 from mmkit.data.templates.template import ConversationTemplate
 from mmkit.models.vlm import VisionLanguageModel
 
@@ -29,9 +29,11 @@ class Prompt:
         """The question as asked: the last human turn."""
         return str(self.conversation[-1]["value"])
 
-    def load_image(self) -> Image.Image | None:
+    def load_image(self, limits: ImageLimits | ImageProcessor = DEFAULT_LIMITS) -> Image.Image | None:
+        """The image, a path decoded now; one over ``limits`` is refused from its header with a
+        DataError naming the file."""
         if isinstance(self.image, Path):
-            return decode_image(self.image.read_bytes())
+            return read_image_file(self.image, limits)
         return self.image
 
 
@@ -130,21 +132,32 @@ class AnswerGenerator:
         sampling: Sampling | None = None,
         image_embeds: torch.Tensor | None = None,
         on_finish: Callable[[Reply], None] | None = None,
+        cancelled: threading.Event | None = None,
     ) -> Iterator[str]:
         """The reply to one prompt, piece by piece as it is generated; with ``image_embeds`` the
         prompt's image is not encoded again. Text that could begin a stop string is held back
-        until it is clear that it does not. ``on_finish`` gets the whole :class:`Reply` at the end."""
-        from transformers import TextIteratorStreamer
+        until it is clear that it does not. ``on_finish`` gets the whole :class:`Reply` at the end,
+        unless ``cancelled`` was set: then generation stops at its next token and the text ends there."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         sampling = sampling or Sampling(max_new_tokens=self.max_new_tokens)
         streamer = TextIteratorStreamer(self.model.tokenizer, skip_prompt=True, skip_special_tokens=True)
         inputs = self._inputs([prompt], with_images=image_embeds is None)
         failure: list[BaseException] = []
         generated: list[torch.Tensor] = []
+        extra: dict = {}
+        if cancelled is not None:
+
+            class _Cancelled(StoppingCriteria):
+                def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                    return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_Cancelled()])
 
         def generate() -> None:
             try:
-                generated.append(self._generate(inputs, sampling, image_embeds=image_embeds, streamer=streamer)[0])
+                generated.append(
+                    self._generate(inputs, sampling, image_embeds=image_embeds, streamer=streamer, **extra)[0])
             except BaseException as exc:  # re-raised in the caller's thread
                 failure.append(exc)
                 streamer.end()
@@ -154,7 +167,7 @@ class AnswerGenerator:
         stops = self._stops(sampling)
         pending, stopped, started = "", False, False
         for piece in streamer:
-            if stopped:  # drain: generation ends by itself at the stop string
+            if stopped or (cancelled is not None and cancelled.is_set()):  # drain: generation ends by itself
                 continue
             pending += piece
             cut = _first_stop(pending, stops)
@@ -172,6 +185,8 @@ class AnswerGenerator:
         worker.join()
         if failure:
             raise failure[0]
+        if cancelled is not None and cancelled.is_set():
+            return
         pending = pending.rstrip() if started else pending.strip()
         if pending:
             yield pending
@@ -214,7 +229,8 @@ class AnswerGenerator:
             attention_mask[row, length - len(ids) :] = 1
         pixel_values = None
         if with_images:
-            images = [self.image_processor(p.load_image()) for p in prompts if p.image is not None]
+            # The processor's limits: the run's image_limits and the area its preprocessing needs.
+            images = [self.image_processor(p.load_image(self.image_processor)) for p in prompts if p.image is not None]
             pixel_values = torch.stack(images) if images else None
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
 

@@ -192,13 +192,13 @@ def soak(model: str, requests: int, good_share: float, concurrency: int, seed: i
             kind, which = item
             if kind == "good":
                 question, image = prompts[which]
-                status, payload = post(port, chat(with_image(data_url(images[image]), question)), {})
+                body, headers, path = chat(with_image(data_url(images[image]), question)), {}, CHAT
             else:
                 body, headers, path = bad[which]()
-                try:
-                    status, payload = post(port, body, headers, path)
-                except (http.client.HTTPException, ConnectionError, json.JSONDecodeError) as error:
-                    status, payload = -1, {"transport error": repr(error)}
+            try:
+                status, payload = post(port, body, headers, path)
+            except (http.client.HTTPException, ConnectionError) as error:
+                status, payload = -1, {"transport error": repr(error)}
             return kind, which, status, payload
 
         with ThreadPoolExecutor(max_workers=concurrency) as pool:
@@ -232,6 +232,8 @@ def soak(model: str, requests: int, good_share: float, concurrency: int, seed: i
         "distinct_reference_replies": len(set(reference.values())),
         "wrong": wrong[:20],
         "wrong_count": len(wrong),
+        "connection_errors": sum(1 for *_, status, _ in results if status == -1),  # resets, refused connections
+        "concurrency": concurrency,
         "server_alive_at_end": alive,
         "health": health,
         "seconds": round(seconds, 1),
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     socket.setdefaulttimeout(300)
     report = soak(args.model, args.requests, args.good_share, args.concurrency, args.seed)
     print(f"{report['requests']} requests ({report['good']} good, {report['bad']} bad of {len(report['bad_kinds'])} kinds) "
-          f"in {report['seconds']} s, {report['requests_per_s']} requests/s; wrong: {report['wrong_count']}; "
+          f"from {report['concurrency']} clients at once in {report['seconds']} s, {report['requests_per_s']} requests/s; "
+          f"wrong: {report['wrong_count']}; connection errors: {report['connection_errors']}; "
           f"server alive: {report['server_alive_at_end']}; peak RSS {report['peak_rss_mib']} MiB "
           f"(first tenth {report['rss_first_tenth_mib']} MiB, last tenth {report['rss_last_tenth_mib']} MiB)")
     for item in report["wrong"][:5]:

@@ -56,7 +56,7 @@ def chat(cfg: DictConfig) -> None:
         stop=tuple(cfg.stop),
     )
     image = open_image(cfg.image) if cfg.image else None
-    train_cfg, model = load_run(cfg.model)
+    train_cfg, model = load_run(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(resolve_device(cfg.device))
     session = ChatSession(build_generator(train_cfg, model, 1, sampling.max_new_tokens), sampling)
     session.set_image(image)

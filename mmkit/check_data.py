@@ -92,7 +92,8 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
     check_component_names(cfg)
     template = TEMPLATES.build(as_dict(stage.template), f"{key}.template")
     shards = DATASETS.build(as_dict(stage.data), f"{key}.data").shard_set()
-    tokenizer = prepare_tokenizer(cfg.decoder.path, cfg.decoder.get("model_max_length"), cfg.decoder.get("gguf_file"))
+    tokenizer = prepare_tokenizer(cfg.decoder.path, cfg.decoder.get("model_max_length"), cfg.decoder.get("gguf_file"),
+                                  trust_remote_code=bool(cfg.decoder.get("trust_remote_code", False)))
     # Only the geometry is needed (image size, image tokens; a resampler's count may depend on the
     # decoder's width), not the weights: the model on the meta device.
     model = build_model(cfg, weights="none")

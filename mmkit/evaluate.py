@@ -5,7 +5,9 @@
     python -m mmkit.evaluate task=scienceqa predictions=answers.jsonl data_dir=ScienceQA/data/scienceqa
 
 A model's answers go to ``<out_dir>/answers.jsonl`` as they are made, so re-running the same
-command after an interruption answers only what is left.
+command after an interruption answers only what is left. Under ``torchrun --nproc_per_node N``
+(or ``accelerate launch``) the N processes share the items, each on its own GPU, and rank 0 writes
+what one process would have.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from mmkit.core.errors import ConfigError
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     # Deferred: these import torch, transformers and Lightning; a bad command line is answered
     # before they load.
+    from mmkit.core.distributed import launched_world_size
     from mmkit.core.registry import EVALUATORS, load_components
     from mmkit.evaluation.run import recipe_teachers, run_task
     from mmkit.inference.from_run import build_generator
@@ -30,6 +33,8 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     evaluator = EVALUATORS.build(as_dict(cfg.task), "task")
     if cfg.model is not None and cfg.predictions is not None:
         raise ConfigError("give one of model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl, not both")
+    if cfg.model is None and launched_world_size() > 1:
+        raise ConfigError("only a model's answering is shared across processes; score without model= in one process (no torchrun)")
     if cfg.model is None and cfg.predictions is None:
         if evaluator.needs_answers:
             raise ConfigError("give model=RUN_FOLDER (a model answers) or predictions=ANSWERS.jsonl")
@@ -43,14 +48,26 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         return run_task(cfg.task.name, evaluator, out_dir, predictions=predictions, items=items).metrics
     if cfg.ensemble.method is not None:
         raise ConfigError("ensemble.method: ensembles combine answer files; give predictions=A.jsonl and ensemble.with=B.jsonl")
-    from mmkit.models.load import load_run, resolve_device  # deferred with the rest, above
+    from mmkit.core.distributed import join_launched_group, leave_group  # deferred with the rest, above
+    from mmkit.evaluation.run import run_task_across_ranks
+    from mmkit.models.load import load_run, resolve_device
 
-    train_cfg, model = load_run(cfg.model)
+    train_cfg, model = load_run(cfg.model, trust_remote_code=cfg.trust_remote_code)
     evaluator.record_teachers(recipe_teachers(train_cfg))
-    model.to(resolve_device(cfg.device))
-    generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
     out_dir = Path(cfg.out_dir or Path(cfg.model) / "eval" / cfg.task.name)
-    result = run_task(cfg.task.name, evaluator, out_dir, generator=generator)
+    if launched_world_size() == 1:
+        model.to(resolve_device(cfg.device))
+        generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
+        result = run_task(cfg.task.name, evaluator, out_dir, generator=generator)
+    else:  # torchrun or accelerate launch: the ranks share the items, rank 0 scores
+        try:
+            model.to(join_launched_group(resolve_device(cfg.device)))
+            generator = build_generator(train_cfg, model, cfg.batch_size, cfg.max_new_tokens)
+            result = run_task_across_ranks(cfg.task.name, evaluator, out_dir, generator)
+        finally:
+            leave_group()
+        if result is None:
+            return {}
     print(f"results: {out_dir / 'results.json'}")
     return result.metrics
 

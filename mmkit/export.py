@@ -19,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
     to_hf = sub.add_parser("to-hf", help="write an HF LlavaForConditionalGeneration folder (weights, config, processor)")
     to_hf.add_argument("run", help="an mmkit run folder, or a stage checkpoint RUN/<stage>/trainable.safetensors")
     to_hf.add_argument("out_dir")
+    to_hf.add_argument("--trust-remote-code", action="store_true",
+                       help="let the run's LM run Python files of its own (an auto_map); its saved config never can")
     from_hf = sub.add_parser("from-hf", help="turn an HF Llava folder into an mmkit run folder (model=OUT)")
     from_hf.add_argument("hf_dir")
     from_hf.add_argument("out_dir")
@@ -34,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "to-hf":
-            out = export_run(args.run, args.out_dir)
+            out = export_run(args.run, args.out_dir, trust_remote_code=args.trust_remote_code)
             print(f"wrote {out}: load it with transformers.LlavaForConditionalGeneration.from_pretrained({str(out)!r})")
         else:
             if args.command == "from-hf":

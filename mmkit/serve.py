@@ -45,7 +45,7 @@ def serve(cfg: DictConfig) -> None:
     defaults = cfg.defaults_for_requests
     default_sampling = Sampling(int(defaults.max_tokens), float(defaults.temperature), float(defaults.top_p))
     listener = _listen(cfg.host, int(cfg.port), int(cfg.backlog))
-    train_cfg, model = load_run(cfg.model, trust_remote_code=bool(cfg.trust_remote_code))
+    train_cfg, model = load_run(cfg.model, trust_remote_code=cfg.trust_remote_code)
     model.to(resolve_device(cfg.device))
     generator = build_generator(train_cfg, model, int(cfg.batch_size), default_sampling.max_new_tokens,
                                 image_limits=limits.image_limits)

@@ -122,7 +122,9 @@ def _write_llava_folder(folder: Path, good: int) -> Path:
         Image.new("RGB", (40, 30), (index * 20, 100, 50)).save(images / f"img{index}.png")
         records.append({"id": f"good{index}", "image": f"img{index}.png", "conversations": [
             {"from": "human", "value": "<image>\nWhat colour dominates?"}, {"from": "gpt", "value": "Green."}]})
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    # A readable header over cut-off pixels: the converter reads headers only, so training meets the damage.
+    whole = (images / "img0.png").read_bytes()
+    (images / "broken.png").write_bytes(whole[: len(whole) // 2])
     records.append({"id": "corrupt_image", "image": "broken.png", "conversations": records[0]["conversations"]})
     records.append({"id": "no_answer", "image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nHi"}]})
     records.append({"id": "two_placeholders", "image": "img1.png", "conversations": [

@@ -167,8 +167,9 @@ _loaded = False
 def load_components() -> None:
     """Import mmkit's own components, then every installed plugin (once per process).
 
-    A plugin that fails to import is reported by name and skipped, so one broken package
-    does not take down runs that do not use it; mmkit's own must load.
+    A plugin that fails to import (registering happens as it imports) is reported by name and
+    skipped, so one broken package does not take down runs that do not use it; mmkit's own must
+    load.
     """
     global _loaded
     if _loaded:
@@ -185,7 +186,9 @@ def load_components() -> None:
     for ep in plugin_entry_points():
         try:
             ep.load()
-        except Exception as exc:  # any failure inside third-party code must not stop mmkit
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # noqa: BLE001  even sys.exit() in third-party code must not end mmkit
             warnings.warn(
                 f"mmkit plugin {ep.name!r} ({ep.value}) failed to load and was skipped: "
                 f"{type(exc).__name__}: {exc}",

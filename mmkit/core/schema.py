@@ -22,6 +22,7 @@ SCHEMA = "mmkit_schema"
 @dataclass
 class OptimizerConfig:
     lr: float = 1e-3
+    connector_lr: Optional[float] = None
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -138,6 +139,7 @@ _STAGE_RANGES = [
     ("global_batch_size", lambda v: v >= 1, ">= 1"),
     ("micro_batch_size", lambda v: v >= 1, ">= 1"),
     ("optimizer.lr", lambda v: 0 < v < math.inf, "positive and finite"),
+    ("optimizer.connector_lr", lambda v: v is None or 0 < v < math.inf, "positive and finite, or null (the stage's lr)"),
     ("optimizer.weight_decay", lambda v: 0 <= v < math.inf, ">= 0 and finite"),
     ("optimizer.eps", lambda v: 0 < v < math.inf, "positive and finite"),
     ("optimizer.betas", lambda v: len(v) == 2 and all(0.0 <= b < 1.0 for b in v), "two numbers in [0, 1)"),

@@ -16,6 +16,7 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 
+from mmkit.core.distributed import join_launched_group, rank_and_world
 from mmkit.core.errors import ConfigError
 from mmkit.core.interfaces import IMAGE_TOKEN
 from mmkit.inference.from_run import build_generator
@@ -35,7 +36,10 @@ class MmkitModel(lmms):
     """A trained mmkit run folder as an lmms-eval model.
 
     ``model_args``: ``model`` (the run folder, required), ``max_new_tokens`` (when a task names
-    none, default 128). ``--batch_size`` and ``--device`` are the harness's own flags.
+    none, default 128), ``trust_remote_code`` (default false: the run's LM may not run Python files
+    of its own, whatever its saved config says). ``--batch_size`` and ``--device`` are the
+    harness's own flags. Launched with ``accelerate launch`` or ``torchrun``, each process answers
+    its rank's share of the requests on its own device (cuda:LOCAL_RANK for ``--device cuda``).
     """
 
     def __init__(
@@ -44,17 +48,21 @@ class MmkitModel(lmms):
         max_new_tokens: int | str = 128,
         batch_size: int | str = 1,
         device: str = "cpu",
+        trust_remote_code: bool = False,
         **unknown: Any,
     ) -> None:
         super().__init__()
         if unknown:
-            raise ConfigError(f"--model_args {', '.join(sorted(unknown))}: unknown to the mmkit model; it takes model, max_new_tokens")
+            raise ConfigError(f"--model_args {', '.join(sorted(unknown))}: unknown to the mmkit model; "
+                              "it takes model, max_new_tokens, trust_remote_code")
         if not model:
             raise ConfigError("--model_args model=RUN_FOLDER is required: the mmkit run folder to evaluate")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"--device {device}: no CUDA device here; pass --device cpu")
-        cfg, vlm = load_run(model)
-        self.device = torch.device(device)
+        cfg, vlm = load_run(model, trust_remote_code)
+        # Under accelerate launch or torchrun, lmms-eval splits the requests by these, as for its own models.
+        self.device = join_launched_group(torch.device(device))
+        self._rank, self._world_size = rank_and_world()
         self.generator = build_generator(cfg, vlm.to(self.device), int(batch_size), int(max_new_tokens))
         self.default_max_new_tokens = int(max_new_tokens)
 
@@ -68,7 +76,7 @@ class MmkitModel(lmms):
         # One generate pass per distinct setting; within it, the generator batches.
         for sampling in dict.fromkeys(settings):
             indices = [i for i, s in enumerate(settings) if s == sampling]
-            texts = self.generator.answer([prompts[i] for i in indices], desc="mmkit answering", sampling=sampling)
+            texts = self.generator.answer([prompts[i] for i in indices], self.rank == 0, "mmkit answering", sampling)
             for i, text in zip(indices, texts):
                 answers[i] = text
         return answers

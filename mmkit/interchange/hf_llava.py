@@ -108,11 +108,12 @@ def hf_processor(cfg: DictConfig, model: VisionLanguageModel) -> Any:
     )
 
 
-def export_run(run: str | Path, out_dir: str | Path) -> Path:
+def export_run(run: str | Path, out_dir: str | Path, trust_remote_code: bool = False) -> Path:
     """``python -m mmkit.export to-hf``: a run folder (or one stage's checkpoint in it) -> an HF folder.
     A model imported from an HF folder gets that folder's processor, tokenizer and chat template
-    back unchanged; any other gets a processor that prompts and prepares images as mmkit trained it."""
-    cfg, model = load_run(run)
+    back unchanged; any other gets a processor that prompts and prepares images as mmkit trained it.
+    ``trust_remote_code`` is the command line's (see :func:`~mmkit.models.load.load_run`)."""
+    cfg, model = load_run(run, trust_remote_code)
     out = Path(out_dir)
     to_hf_llava(cfg, model).save_pretrained(out)
     kept = _run_folder(run) / SOURCE_PROCESSOR
@@ -150,10 +151,12 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path) -> list[str]:
     )
 
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    config = AutoConfig.from_pretrained(hf_dir)
+    # trust_remote_code=False said outright: left unset, transformers asks on stdin whether to run a
+    # folder's own Python files (an auto_map); an imported model is transformers' own Llava.
+    config = AutoConfig.from_pretrained(hf_dir, trust_remote_code=False)
     _check_importable(config, hf_dir)
     llava = LlavaForConditionalGeneration.from_pretrained(hf_dir, dtype="auto").eval()
-    processor = AutoProcessor.from_pretrained(hf_dir)
+    processor = AutoProcessor.from_pretrained(hf_dir, trust_remote_code=False)
 
     vision_dir, language_dir = out / "vision_tower", out / "language_model"
     llava.model.vision_tower.save_pretrained(vision_dir)

@@ -267,7 +267,7 @@ def _copy_tokenizer(llava_dir: Path, language_dir: Path) -> None:
     for name in copied:
         shutil.copyfile(llava_dir / name, language_dir / name)
     try:
-        AutoTokenizer.from_pretrained(language_dir)
+        AutoTokenizer.from_pretrained(language_dir, trust_remote_code=False)  # never the folder's own code
     except Exception as exc:  # noqa: BLE001  tokenizers fail with many error types
         raise ConfigError(f"{llava_dir}: its tokenizer does not load ({exc})") from None
 

@@ -24,21 +24,27 @@ def register_resolver(scheme: str, resolve: Callable[[str], Path]) -> None:
 
 
 def package_folder(name: str) -> Path:
-    """The folder of the installed Python package ``name``, found without importing it (importing
-    a package may import heavy dependencies, or ones deliberately left uninstalled; a dotted name's
-    parents are imported, as ``find_spec`` must)."""
-    if not name:
+    """The folder of the installed Python package ``name`` (dotted: a subpackage's), found without
+    importing anything: importing may pull in heavy dependencies or ones deliberately left
+    uninstalled, and a run folder's config names this, so it must never run a package's code
+    (``find_spec("a.b")`` would import ``a``; only the top level is looked up, the rest walked)."""
+    top, *subpackages = name.split(".")
+    if not top:
         raise ConfigError("package://: name an installed Python package (package://PACKAGE)")
     try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):  # a missing parent package (a.b), or a name find_spec refuses (.a)
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):  # a name find_spec refuses
         spec = None
-    if spec is None:
-        install = _INSTALL_COMMANDS.get(name, f"pip install {name.replace('_', '-')}")
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if spec is not None and folder is None:
+        raise ConfigError(f"package://{name}: {top} is a module, not a package with a folder")
+    for part in subpackages:
+        if folder is not None:
+            folder = folder / part if part and (folder / part).is_dir() else None
+    if folder is None:
+        install = _INSTALL_COMMANDS.get(name, f"pip install {top.replace('_', '-')}")
         raise ConfigError(f"package://{name}: the Python package {name} is not installed; {install}")
-    if not spec.submodule_search_locations:
-        raise ConfigError(f"package://{name}: {name} is a module, not a package with a folder")
-    return Path(next(iter(spec.submodule_search_locations)))
+    return folder
 
 
 register_resolver("package", package_folder)

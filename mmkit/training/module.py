@@ -11,7 +11,7 @@ import torch
 from mmkit.core.distributed import gather_objects
 from mmkit.core.errors import ConfigError, DataError, TrainingError
 from mmkit.models.vlm import VisionLanguageModel
-from mmkit.training.optimizer import build_adamw, warmup_cosine
+from mmkit.training.optimizer import build_adamw, parameter_groups, warmup_cosine
 from mmkit.training.resume import restore_rng_states, rng_states
 
 
@@ -193,13 +193,13 @@ class LitVLM(L.LightningModule):
             self._rng_to_restore = None
 
     def configure_optimizers(self) -> dict[str, Any]:
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        groups = parameter_groups(self.model, self.optimizer_cfg)
         optimizer_cfg = dict(self.optimizer_cfg)
         if optimizer_cfg.get("fused") is None and self._gradient_scaler() is not None:
             # fp16's gradient scaler with a fused AdamW unscales inside the step, after Lightning
             # would have clipped the still-scaled gradients; Lightning refuses it, so: foreach.
             optimizer_cfg["fused"] = False
-        optimizer = build_adamw(parameters, optimizer_cfg)
+        optimizer = build_adamw(groups, optimizer_cfg)
         total_steps = self.total_steps
         warmup_steps = max(1, math.ceil(float(self.schedule_cfg.get("warmup_ratio", 0.03)) * total_steps))
         min_ratio = float(self.schedule_cfg.get("min_lr_ratio", 0.0))

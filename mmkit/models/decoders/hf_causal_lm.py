@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    BitsAndBytesConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -47,12 +50,14 @@ def locate_weights(path: str, gguf_file: str | None = None) -> tuple[str, dict[s
     return local, {"gguf_file": gguf_file}
 
 
-def prepare_tokenizer(path: str, model_max_length: int | None = None,
-                      gguf_file: str | None = None) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(path: str, model_max_length: int | None = None, gguf_file: str | None = None,
+                      trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer (from ``gguf_file`` in ``path`` when given) and give it the ``<image>``
-    and pad tokens LLaVA training needs."""
+    and pad tokens LLaVA training needs. ``trust_remote_code`` is always passed: left unset,
+    transformers asks on stdin whether to run a folder's own tokenizer code."""
     local, gguf = locate_weights(path, gguf_file)
-    tokenizer = AutoTokenizer.from_pretrained(local, **gguf)
+    with _remote_code_refusal_named(path):
+        tokenizer = AutoTokenizer.from_pretrained(local, trust_remote_code=trust_remote_code, **gguf)
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -66,6 +71,20 @@ def prepare_tokenizer(path: str, model_max_length: int | None = None,
     if model_max_length:
         tokenizer.model_max_length = model_max_length
     return tokenizer
+
+
+@contextmanager
+def _remote_code_refusal_named(path: str) -> Iterator[None]:
+    """transformers refuses a folder that loads only through Python files of its own (an ``auto_map``)
+    in a ValueError of several lines; this says it in one, naming the key."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ConfigError(f"decoder.path={path}: this model loads only by running Python files of its own "
+                          "(its auto_map); if you trust them, allow them with trust_remote_code=true on the command "
+                          "line (decoder.trust_remote_code=true for python -m mmkit.train)") from None
 
 
 def enable_activation_checkpointing(model: PreTrainedModel) -> None:
@@ -96,6 +115,30 @@ def compile_decoder_layers(model: torch.nn.Module) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def quantize_4bit_options(lora: dict[str, Any] | None, gguf_file: str | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` that loads the base in 4-bit NF4 for QLoRA when
+    ``decoder.lora.quantize_4bit`` asks for it (LLaVA's ``--bits 4``), else nothing. bitsandbytes'
+    kernels run on CUDA GPUs only: where they cannot, this fails before any weight is read."""
+    if not (lora and lora.get("quantize_4bit")):
+        return {}
+    key = "decoder.lora.quantize_4bit=true"
+    if not lora.get("enabled"):
+        raise ConfigError(f"{key}: a 4-bit base trains through LoRA adapters only; set decoder.lora.enabled=true")
+    if gguf_file:
+        raise ConfigError(f"{key}: not with decoder.gguf_file={gguf_file}, whose weights transformers dequantizes "
+                          "itself; point decoder.path at a transformers model folder or hub id")
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("there is no CUDA GPU here")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed")
+    if missing:
+        raise ConfigError(f"{key}: a 4-bit (QLoRA) base needs a CUDA GPU and bitsandbytes (pip install bitsandbytes), "
+                          f"but {' and '.join(missing)}; decoder.lora.quantize_4bit=false trains LoRA on the full base")
+    return {"quantization_config": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                      bnb_4bit_compute_dtype=torch.bfloat16)}
 
 
 def _model_options(dtype: str | None, attn_implementation: str | None) -> dict[str, Any]:
@@ -156,21 +199,30 @@ class HFCausalLM(LanguageDecoder):
     ) -> "HFCausalLM":
         """The LM and tokenizer saved at ``path`` (a hub id, a folder, ``zoo://NAME``,
         ``package://PACKAGE``), or in the GGUF file ``gguf_file`` there, the vocabulary grown by the
-        tokens :func:`prepare_tokenizer` adds."""
-        tokenizer = prepare_tokenizer(path, model_max_length, gguf_file)
+        tokens :func:`prepare_tokenizer` adds. ``lora.quantize_4bit``: the base in 4-bit (QLoRA,
+        :func:`quantize_4bit_options`), its other weights in float32 for the adapters' training."""
+        quantization = quantize_4bit_options(lora, gguf_file)
+        tokenizer = prepare_tokenizer(path, model_max_length, gguf_file, trust_remote_code)
         local, gguf = locate_weights(path, gguf_file)
         if gguf and GgufConfig is not None:
             # Dequantized to dense weights, as training needs: transformers may otherwise keep a
             # GGUF file's weights packed where it has kernels for them, which cannot be trained,
             # and it marks the model quantized, which its exported copy would claim as well.
             gguf["quantization_config"] = GgufConfig(dequantize=True)
-        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **gguf,
+        kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, **gguf, **quantization,
                                   **_model_options(dtype, attn_implementation)}
-        model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
+        with _remote_code_refusal_named(path):
+            model = AutoModelForCausalLM.from_pretrained(local, **kwargs)
         if len(tokenizer) > model.get_input_embeddings().num_embeddings:
             # <image> positions are always overwritten by image features, so its init is irrelevant.
             model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
         model.config.pad_token_id = tokenizer.pad_token_id
+        if quantization:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the base and upcasts its unquantized weights (norms, embeddings) to float32;
+            # activation checkpointing is left to __init__, which makes it non-reentrant.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return cls(model, tokenizer, gradient_checkpointing=gradient_checkpointing, lora=lora, compile=compile)
 
     @classmethod
@@ -211,7 +263,8 @@ class HFCausalLM(LanguageDecoder):
     ) -> "HFCausalLM":
         """:meth:`from_config` with the config read from ``path`` (from ``gguf_file``'s metadata
         when given; no weights, no tokenizer, so ``model_max_length`` has nothing to set) and
-        changed by ``config_overrides``."""
+        changed by ``config_overrides``. ``lora.quantize_4bit`` quantizes loaded weights only: the
+        base built here is dense, so a plan counts a QLoRA base at its full size."""
         if gguf_file:
             locate_weights(path, gguf_file)  # the file's errors, named, before transformers reads it
         fields = {**read_hf_config(path, "decoder.path", gguf_file), **(config_overrides or {})}

@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> dict:
     # Deferred: these import Lightning (seconds); a refused command line is answered before.
     from mmkit.evaluation.run import check_evaluation, evaluate_model
     from mmkit.training.recipe import run_recipe
-    from mmkit.training.resume import is_unfinished, resolve_run_dir, save_run_config
+    from mmkit.training.resume import is_unfinished, prepare_run_dir, resolve_run_dir
 
     _check_launch(cfg)
     check_evaluation(cfg)
@@ -48,11 +48,13 @@ def train(cfg: DictConfig) -> dict:
     run_dir = resolve_run_dir(cfg.resume, own_dir, config)
     resuming = cfg.resume is not None and is_unfinished(run_dir)
     if resuming:
-        print(f"resume: continuing the run in {run_dir}", flush=True)
+        elsewhere = f" (not this command's own folder {own_dir})" if run_dir != own_dir else ""
+        print(f"resume: continuing the run in {run_dir}{elsewhere}", flush=True)
     elif cfg.resume is not None:
         print(f"resume={cfg.resume}: no interrupted run with this config; starting a new one in {run_dir}", flush=True)
-    if _is_global_zero():
-        save_run_config(run_dir, config)
+    if _is_global_zero() and prepare_run_dir(run_dir, config, resuming):
+        print(f"{run_dir} held an earlier run: its summary.json, stage.json files and checkpoints are removed, "
+              "so that a later resume= cannot take them for this run's", flush=True)
     started = time.perf_counter()
     stages, model = run_recipe(cfg, run_dir, resume=resuming)
     evaluation = evaluate_model(cfg, model, run_dir / "eval") if _is_global_zero() else {}

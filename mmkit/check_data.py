@@ -103,6 +103,8 @@ def build_context(cfg: DictConfig, stage_name: str) -> CheckContext:
         ImageProcessor(model.encoder.image_stats, cfg.data.image_mode, ImageLimits.from_config(cfg.get("image_limits"))),
         model.num_image_tokens,
         cfg.data.max_length,
+        too_long=cfg.data.too_long,
+        leading_gpt_turn=cfg.data.leading_gpt_turn,
     )
     description = (
         f"stage {stage_name}: template {stage.template.name}, dataset {stage.data.name} "

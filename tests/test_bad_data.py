@@ -62,7 +62,8 @@ def write_shards(folder: Path, total: int, bad_per_kind: int) -> dict[str, str]:
 def stage_config(shards: Path) -> list[str]:
     return TINY_RUN + ["~data.finetune", f"+data.finetune={{name: shards, path: {shards}}}",
                        "recipe.stages.finetune.micro_batch_size=10", "recipe.stages.finetune.global_batch_size=10",
-                       "guards.max_skip_fraction=0.1", "guards.min_samples_checked=100"]
+                       "guards.max_skip_fraction=0.1", "guards.min_samples_checked=100",
+                       "data.too_long=skip"]  # these tests count over-long samples among the skipped
 
 
 def test_five_percent_damaged_trains_to_the_end_with_every_sample_logged(tmp_path):

@@ -93,7 +93,8 @@ class Collator:
         skipped = [(item.key, item.reason) for item in items if isinstance(item, SkippedSample)]
         if self.stream_errors is not None:
             skipped += self.stream_errors.drain()
-        batch: dict[str, Any] = {"keys": [s.key for s in samples], "skipped": skipped}
+        batch: dict[str, Any] = {"keys": [s.key for s in samples], "skipped": skipped,
+                                 "truncated": sum(s.truncated_from is not None for s in samples)}
         if not samples:
             return batch
         lengths = [len(s.input_ids) for s in samples]

@@ -33,7 +33,7 @@ from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, 
 from mmkit.training.sample_answers import SampleAnswers
 from mmkit.training.stages import configure_trainable, count_parameters
 from mmkit.training.throughput import FlopModel, ThroughputMonitor
-from mmkit.training.trainer import build_trainer, finish_loggers
+from mmkit.training.trainer import build_trainer, finish_loggers, shards_parameters
 
 PREVIOUS = "previous"
 
@@ -72,10 +72,11 @@ def accumulation_steps(stage: DictConfig, key: str, world_size: int) -> int:
     return stage.global_batch_size // per_step
 
 
-def _gather_counts(samples: int, skipped: list[tuple[str, str]]) -> tuple[int, list[tuple[str, str]]]:
+def _gather_counts(samples: int, truncated: int, skipped: list[tuple[str, str]]) -> tuple[int, int, list[tuple[str, str]]]:
     """Totals over all ranks (each rank read different shards)."""
-    per_rank = gather_objects((samples, skipped))
-    return sum(count for count, _ in per_rank), [item for _, items in per_rank for item in items]
+    per_rank = gather_objects((samples, truncated, skipped))
+    return (sum(count for count, _, _ in per_rank), sum(cut for _, cut, _ in per_rank),
+            [item for _, _, items in per_rank for item in items])
 
 
 def _init_connector(model: VisionLanguageModel, source: str | None, previous: Path | None, key: str) -> str | None:
@@ -111,6 +112,8 @@ def _stage_data(cfg: DictConfig, stage: DictConfig, key: str, model: VisionLangu
         ImageProcessor(model.encoder.image_stats, cfg.data.image_mode, ImageLimits.from_config(cfg.get("image_limits"))),
         model.num_image_tokens,
         cfg.data.max_length,
+        too_long=cfg.data.too_long,
+        leading_gpt_turn=cfg.data.leading_gpt_turn,
     )
     return ShardDataModule(
         DATASETS.build(as_dict(stage.data), f"{key}.data"),
@@ -202,8 +205,8 @@ def run_stage(
     trainable = _prepare_model(model, stage, previous)
     fit = _build_fit(cfg, stage, model, resume_from)
     wall_time = _run_fit(fit, stage)
-    samples, skipped = _gather_counts(fit.lit.samples_seen, fit.lit.skipped)
-    summary = _stage_summary(stage, fit, trainable, samples, len(skipped), wall_time)
+    samples, truncated, skipped = _gather_counts(fit.lit.samples_seen, fit.lit.truncated, fit.lit.skipped)
+    summary = _stage_summary(stage, fit, trainable, samples, truncated, len(skipped), wall_time)
     _save_stage(stage, fit.trainer, trainable.names, skipped, summary, bool(cfg.checkpoint.keep_after_stage))
     return summary, stage.dir / WEIGHTS
 
@@ -281,9 +284,10 @@ def _run_fit(fit: _StageFit, stage: _Stage) -> float:
 
 
 def _stage_summary(
-    stage: _Stage, fit: _StageFit, trainable: _Trainable, samples: int, skipped_samples: int, wall_time: float
+    stage: _Stage, fit: _StageFit, trainable: _Trainable, samples: int, truncated_samples: int, skipped_samples: int,
+    wall_time: float,
 ) -> dict[str, Any]:
-    """What ``stage.json`` holds; ``samples`` and ``skipped_samples`` are totals over all ranks."""
+    """What ``stage.json`` holds; the sample counts are totals over all ranks."""
     trainer, lit, datamodule = fit.trainer, fit.lit, fit.datamodule
     return {
         "steps": trainer.global_step,
@@ -294,6 +298,7 @@ def _stage_summary(
         "total_params": trainable.total,
         "trained": list(stage.cfg.train),
         "connector_from": trainable.connector_from,
+        "truncated_samples": truncated_samples,  # trained on their first data.max_length tokens (data.too_long)
         "skipped_samples": skipped_samples,
         "nonfinite_steps_skipped": lit.nonfinite_steps,
         "wall_time_s": round(wall_time, 2),
@@ -337,4 +342,16 @@ def run_recipe(cfg: DictConfig, run_dir: Path, resume: bool = False) -> tuple[di
     previous: Path | None = None
     for name in cfg.recipe.stages:
         stages[name], previous = run_stage(cfg, name, model, run_dir, previous, resume)
+        if shards_parameters(as_dict(cfg.trainer).get("strategy")):
+            model = _unsharded_model(cfg, run_dir, list(stages))
     return stages, model
+
+
+def _unsharded_model(cfg: DictConfig, run_dir: Path, finished: list[str]) -> VisionLanguageModel:
+    """A fresh model with the finished stages' weights loaded in order, as a resumed run builds it.
+    FSDP leaves the fitted model's layers wrapped and its parameters holding one rank's shard:
+    the next stage's Trainer would not wrap it again, nor could it change what trains."""
+    model = build_model(cfg)
+    for name in finished:
+        load_stage_weights(model, run_dir / name / WEIGHTS)
+    return model

@@ -76,7 +76,8 @@ class MmkitModel(lmms):
         # One generate pass per distinct setting; within it, the generator batches.
         for sampling in dict.fromkeys(settings):
             indices = [i for i, s in enumerate(settings) if s == sampling]
-            texts = self.generator.answer([prompts[i] for i in indices], self.rank == 0, "mmkit answering", sampling)
+            texts = self.generator.answer([prompts[i] for i in indices], progress=self.rank == 0, desc="mmkit answering",
+                                         sampling=sampling)
             for i, text in zip(indices, texts):
                 answers[i] = text
         return answers

@@ -3,10 +3,11 @@ score, write results.json / predictions.jsonl / table.md and print the table."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from omegaconf import DictConfig
 
+from mmkit.core.distributed import rank_and_world
 from mmkit.core.registry import DATASETS, EVALUATORS, load_components
 from mmkit.evaluation.answers import ANSWER_FILE, answer_items, read_answers
 from mmkit.evaluation.evaluator import EvalItem, EvaluationResult, Evaluator
@@ -41,6 +42,23 @@ def run_task(
         answers = {}
     else:
         raise ValueError("run_task needs a generator or a predictions file")
+    return _score(name, evaluator, items, answers, out_dir)
+
+
+def run_task_across_ranks(
+    name: str, evaluator: Evaluator, out_dir: Path, generator: AnswerGenerator
+) -> EvaluationResult | None:
+    """``run_task`` with a model, by every rank of the process group together: each answers its
+    share of the items, and rank 0 alone scores and writes what one process would have (the other
+    ranks get None: scoring may ask a paid judge, once is enough)."""
+    items = evaluator.items()
+    answers = answer_items(items, generator, out_dir / ANSWER_FILE, desc=name, across_ranks=True)
+    return _score(name, evaluator, items, answers, out_dir) if rank_and_world()[0] == 0 else None
+
+
+def _score(
+    name: str, evaluator: Evaluator, items: Sequence[EvalItem], answers: Mapping[str, str], out_dir: Path
+) -> EvaluationResult:
     result = evaluator.score(items, answers)
     result.write(out_dir)
     print(f"\n{result.table}")

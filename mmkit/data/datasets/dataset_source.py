@@ -45,11 +45,16 @@ class ShardSet:
         )
 
 
+def sample_key(member_name: str) -> str:
+    """The sample a tar member belongs to: its name up to the first dot, as WebDataset groups them."""
+    return member_name.split(".", 1)[0]
+
+
 def _count_samples(tar_path: Path) -> int:
     import tarfile
 
     with tarfile.open(tar_path) as archive:
-        return len({member.name.split(".", 1)[0] for member in archive.getmembers() if member.isfile()})
+        return len({sample_key(member.name) for member in archive.getmembers() if member.isfile()})
 
 
 class DatasetSource:

@@ -105,11 +105,14 @@ def test_packed_batches_from_two_workers(shard_folder):
 
 def test_a_truncated_shard_is_read_up_to_the_damage_and_recorded(shard_folder, tmp_path):
     import shutil
+    import tarfile
 
     damaged = tmp_path / "shards"
     shutil.copytree(shard_folder, damaged)
     shard = sorted(damaged.glob("*.tar"))[1]
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # cut mid-file, as a crashed copy leaves it
+    with tarfile.open(shard) as archive:  # cut inside a member's data, as a crashed copy leaves it
+        middle = archive.getmembers()[len(archive.getmembers()) // 2]
+    shard.write_bytes(shard.read_bytes()[: middle.offset_data + middle.size // 2])
     batches = list(datamodule(damaged, num_workers=0, shuffle_buffer=0).train_dataloader())
     trained = [key for batch in batches for key in batch["keys"]]
     skipped = [entry for batch in batches for entry in batch["skipped"]]

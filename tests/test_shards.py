@@ -65,13 +65,14 @@ def _all_members(out: Path) -> dict[str, bytes]:
 
 def test_cli_reports_what_it_wrote_and_skipped(converted: dict) -> None:
     lines = converted["stdout"].strip().splitlines()
-    assert lines[0] == f"wrote 6 samples in 2 shards to {converted['out']}"
+    # Shard i holds the usable records among records 3i..3i+2: the skipped record 3 makes shard 1 smaller.
+    assert lines[0] == f"wrote 6 samples in 3 shards to {converted['out']}"
     assert lines[1].startswith("  skipped record 3 (id lost): image file not found: ")
     assert lines[1].endswith("missing.png")
     assert lines[2:] == ["skipped 1 record: 1 image file not found"]
     # Shards appear only when complete: no partial file is left behind.
     assert sorted(p.name for p in converted["out"].iterdir()) == [
-        "manifest.json", "shard-000000.tar", "shard-000001.tar"
+        "manifest.json", "shard-000000.tar", "shard-000001.tar", "shard-000002.tar"
     ]
 
 
@@ -114,8 +115,8 @@ def test_image_bytes_are_stored_unchanged(converted: dict) -> None:
 def test_manifest_counts_and_hashes_match_the_files(converted: dict) -> None:
     out = converted["out"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["file"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar"]
-    assert [s["samples"] for s in manifest["shards"]] == [3, 3]
+    assert [s["file"] for s in manifest["shards"]] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert [s["samples"] for s in manifest["shards"]] == [3, 2, 1]
     assert manifest["num_samples"] == 6
     for shard in manifest["shards"]:
         assert shard["sha256"] == hashlib.sha256((out / shard["file"]).read_bytes()).hexdigest()
@@ -131,7 +132,7 @@ def test_shard_set_from_folder_with_and_without_manifest(converted: dict, tmp_pa
     expected_hashes = {s["file"]: s["sha256"] for s in manifest["shards"]}
 
     with_manifest = ShardSet.from_folder(out)
-    assert with_manifest.urls == (str(out / "shard-000000.tar"), str(out / "shard-000001.tar"))
+    assert with_manifest.urls == tuple(str(out / f"shard-00000{i}.tar") for i in range(3))
     assert with_manifest.num_samples == 6
     assert with_manifest.sha256 == expected_hashes
 
@@ -141,7 +142,7 @@ def test_shard_set_from_folder_with_and_without_manifest(converted: dict, tmp_pa
     for tar_path in out.glob("*.tar"):
         shutil.copy(tar_path, bare / tar_path.name)
     without = ShardSet.from_folder(bare)
-    assert without.urls == (str(bare / "shard-000000.tar"), str(bare / "shard-000001.tar"))
+    assert without.urls == tuple(str(bare / f"shard-00000{i}.tar") for i in range(3))
     assert without.num_samples == 6
     assert without.sha256 == expected_hashes
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from mmkit.core.cache import build_once, cache_folder
+from mmkit.core.distributed import launcher_rank, wait_for_rank_zero
 from mmkit.core.registry import DATASETS
 from mmkit.data.datasets.dataset_source import DatasetSource, ShardSet
-from mmkit.data.shards import convert_llava_json
+from mmkit.data.shards import MANIFEST, convert_llava_json
 
 
 @DATASETS.register("llava_json")
@@ -23,5 +24,11 @@ class LlavaJsonDataset(DatasetSource):
             {"json": str(self.json.resolve()), "mtime": stat and stat.st_mtime_ns, "size": stat and stat.st_size,
              "images": str(self.image_folder), "per_shard": self.samples_per_shard},
         )
-        build_once(folder, lambda out: convert_llava_json(self.json, self.image_folder, out, self.samples_per_shard))
+        # Once per job: under torchrun or SLURM, rank 0 converts (with every CPU) and the other ranks
+        # wait for the finished folder, which build_once renames into place with its manifest.
+        if launcher_rank() == 0:
+            build_once(folder, lambda out: convert_llava_json(
+                self.json, self.image_folder, out, self.samples_per_shard))
+        else:
+            wait_for_rank_zero(folder / MANIFEST, f"convert {self.json} to shards")
         return ShardSet.from_folder(folder)

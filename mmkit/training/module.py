@@ -37,6 +37,7 @@ class LitVLM(L.LightningModule):
         self.guards = {"max_skip_fraction": 1.0, "min_samples_checked": 0, "max_nonfinite_steps": 0, **(guards or {})}
         self.samples_seen = 0
         self.skipped: list[tuple[str, str]] = []
+        self.truncated = 0  # samples trained on their first data.max_length tokens
         self.recent_losses: list[float] = []
         self.nonfinite_steps = 0
         self._nonfinite_in_a_row = 0
@@ -50,6 +51,7 @@ class LitVLM(L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         self.skipped += batch["skipped"]
         self.samples_seen += len(batch["keys"])
+        self.truncated += batch["truncated"]
         self._check_skip_fraction()
         if "input_ids" not in batch:
             return None  # every sample of this batch was skipped; the reasons are recorded
@@ -155,6 +157,7 @@ class LitVLM(L.LightningModule):
         checkpoint["mmkit"] = {"ranks": gather_objects({
             "samples_seen": self.samples_seen,
             "skipped": [list(item) for item in self.skipped],
+            "truncated": self.truncated,
             "recent_losses": self.recent_losses,
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_in_a_row": self._nonfinite_in_a_row,
@@ -175,6 +178,7 @@ class LitVLM(L.LightningModule):
         state = ranks[self.global_rank] if self.global_rank < len(ranks) else ranks[0]
         self.samples_seen = state["samples_seen"]
         self.skipped = [tuple(item) for item in state["skipped"]]
+        self.truncated = state.get("truncated", 0)  # checkpoints written before the count have none
         self.recent_losses = list(state["recent_losses"])
         self.nonfinite_steps = state["nonfinite_steps"]
         self._nonfinite_in_a_row = state["nonfinite_in_a_row"]

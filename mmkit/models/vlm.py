@@ -82,6 +82,11 @@ class VisionLanguageModel(nn.Module):
         """Padded rows come with ``attention_mask``; packed rows with ``position_ids`` that restart
         at each sample, no mask, and the samples' lengths (see :mod:`mmkit.data.collate`)."""
         inputs_embeds = self.embed(input_ids, pixel_values)
+        if pixel_values is None and self.training and torch.is_grad_enabled():
+            # LLaVA's zero image for text-only batches: the encoder and connector join the graph
+            # with a zero gradient, so every trained weight has one on every rank (DDP's
+            # all-reduce waits for each of them, FSDP's reduce-scatter for each unit).
+            inputs_embeds = inputs_embeds + 0 * self._blank_image_embeds().sum().to(inputs_embeds.dtype)
         packed: dict[str, Any] = {}
         if sample_lengths:
             # flash-attention's varlen convention, which packed_sdpa reads too: cumulative offsets
@@ -103,6 +108,12 @@ class VisionLanguageModel(nn.Module):
             use_cache=False,
             **packed,
         )
+
+    def _blank_image_embeds(self) -> torch.Tensor:
+        """The embeddings of one all-zero (already normalised) image."""
+        reference = next(self.encoder.parameters())
+        size = self.encoder.image_stats.size
+        return self.encode_images(torch.zeros(1, 3, size, size, dtype=reference.dtype, device=reference.device))
 
     @torch.no_grad()
     def generate(

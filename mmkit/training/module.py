@@ -14,6 +14,16 @@ from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.optimizer import build_adamw, parameter_groups, warmup_cosine
 from mmkit.training.resume import restore_rng_states, rng_states
 
+# What FSDP and activation checkpointing insert into the names of the layers they wrap; the state
+# dicts they give (and so the checkpoints) name the parameters without them.
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
+
+
+def _unwrapped(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
 
 class LitVLM(L.LightningModule):
     def __init__(
@@ -53,8 +63,10 @@ class LitVLM(L.LightningModule):
         self.samples_seen += len(batch["keys"])
         self.truncated += batch["truncated"]
         self._check_skip_fraction()
-        if "input_ids" not in batch:
-            return None  # every sample of this batch was skipped; the reasons are recorded
+        if "input_ids" not in batch:  # every sample of this batch was skipped; the reasons are recorded
+            # Alone, the batch is skipped whole. With other ranks, this one must still take part in
+            # the step's gradient reduction, or theirs waits for it forever.
+            return None if self.trainer.world_size == 1 else self._zero_loss()
         outputs = self.model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -78,6 +90,12 @@ class LitVLM(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["keys"]))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], prog_bar=False)
         return loss
+
+    def _zero_loss(self) -> torch.Tensor:
+        """0, through a forward pass that reaches every trained weight (the text-only path feeds
+        the connector a zero image), so each gets a zero gradient."""
+        token = torch.full((1, 1), self.model.tokenizer.pad_token_id, device=self.device)
+        return 0 * self.model(input_ids=token).logits.float().sum()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -148,7 +166,7 @@ class LitVLM(L.LightningModule):
 
     def _trainable_keys(self) -> set[str]:
         """This stage's trained weights, as Lightning's state dict names them: what a checkpoint holds."""
-        return {f"model.{name}" for name, p in self.model.named_parameters() if p.requires_grad}
+        return {f"model.{_unwrapped(name)}" for name, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainable = self._trainable_keys()

@@ -24,9 +24,9 @@ from mmkit.data.datamodule import ShardDataModule
 from mmkit.data.images import ImageLimits, ImageProcessor
 from mmkit.data.samples import SampleEncoder
 from mmkit.inference.from_run import build_generator
+from mmkit.interchange.llava_original import load_llava_projector
 from mmkit.models.build import as_dict, build_model, check_component_names
 from mmkit.models.checkpoint_io import WEIGHTS, load_stage_weights, save_stage_weights
-from mmkit.interchange.llava_original import load_llava_projector
 from mmkit.models.vlm import VisionLanguageModel
 from mmkit.training.module import LitVLM
 from mmkit.training.resume import CHECKPOINTS, STAGE_DONE, checkpoint_callback, latest_checkpoint
@@ -351,7 +351,9 @@ def _unsharded_model(cfg: DictConfig, run_dir: Path, finished: list[str]) -> Vis
     """A fresh model with the finished stages' weights loaded in order, as a resumed run builds it.
     FSDP leaves the fitted model's layers wrapped and its parameters holding one rank's shard:
     the next stage's Trainer would not wrap it again, nor could it change what trains."""
-    model = build_model(cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # what no stage trained (e.g. new tokens' embeddings) is drawn as the first time
+        model = build_model(cfg)
     for name in finished:
         load_stage_weights(model, run_dir / name / WEIGHTS)
     return model

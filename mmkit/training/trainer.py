@@ -5,8 +5,10 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from mmkit.core.errors import ConfigError
@@ -22,24 +24,51 @@ def _module_classes(model: nn.Module, names: list[str], key: str) -> set[type]:
     return {found[name] for name in names}
 
 
-def build_strategy(strategy: Any, model: nn.Module) -> Any:
-    """A strategy name passes through; a mapping with ``name: fsdp`` becomes an FSDPStrategy."""
+class FSDPOnCPUStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy, for ``accelerator: cpu``: how several processes are tested on a
+    machine without GPUs. torch's FSDP shards CPU tensors over gloo once it is told the device,
+    but Lightning refuses a CPU accelerator for FSDPStrategy itself (by its exact type), and gives
+    FSDP no device on a CPU, where FSDP then asks for an accelerator."""
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+        )
+        self.kwargs.pop("auto_wrap_policy", None)  # applied: Lightning's own setup sees the wrapped model
+        return super()._setup_model(wrapped)
+
+
+def build_strategy(strategy: Any, model: nn.Module, accelerator: str = "auto") -> Any:
+    """A strategy name passes through; a mapping with ``name: ddp`` becomes a DDPStrategy with its
+    options (e.g. ``process_group_backend: gloo``), one with ``name: fsdp`` an FSDPStrategy."""
     if not isinstance(strategy, dict):
         return strategy
     options = dict(strategy)
     name = options.pop("name", None)
-    if name != "fsdp":
-        raise ConfigError(f"trainer.strategy.name={name!r}: only 'fsdp' takes options; use a plain name otherwise")
-    from lightning.pytorch.strategies import FSDPStrategy
+    if name == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
 
+        return DDPStrategy(**options)
+    if name != "fsdp":
+        raise ConfigError(f"trainer.strategy.name={name!r}: only 'ddp' and 'fsdp' take options; use a plain name otherwise")
     wrap = options.pop("auto_wrap", [])
     checkpointed = options.pop("activation_checkpointing", [])
-    return FSDPStrategy(
+    return (FSDPOnCPUStrategy if accelerator == "cpu" else FSDPStrategy)(
         auto_wrap_policy=_module_classes(model, list(wrap), "trainer.strategy.auto_wrap") or None,
         activation_checkpointing_policy=_module_classes(model, list(checkpointed), "trainer.strategy.activation_checkpointing")
         or None,
         **options,
     )
+
+
+def shards_parameters(strategy: Any) -> bool:
+    """Whether the strategy (a name or a mapping with ``name``) shards the model's parameters in
+    place, as FSDP does: after a fit each rank's parameters hold its shard only."""
+    name = strategy.get("name") if isinstance(strategy, dict) else strategy
+    return isinstance(name, str) and name.startswith("fsdp")
 
 
 def build_loggers(logger_cfg: dict[str, Any] | None, stage_dir: Path) -> list[Logger]:
@@ -92,7 +121,7 @@ def build_trainer(
     """``checkpointing``: the resumable checkpoints of the stage (:mod:`mmkit.training.resume`);
     a finished stage's weights are written by the recipe either way."""
     options = dict(trainer_cfg)
-    options["strategy"] = build_strategy(options.get("strategy", "auto"), model)
+    options["strategy"] = build_strategy(options.get("strategy", "auto"), model, options.get("accelerator", "auto"))
     return L.Trainer(
         **options,
         max_epochs=max_epochs,

@@ -114,7 +114,7 @@ def measure(case: Case, device: str) -> dict:
         model = build_model(cfg, "shapes", case.encoder, case.decoder)
     configure_trainable(model, list(stage.train), case.stage)
     batch = worst_case_batch(model, step_spec(cfg, stage), case.stage)
-    batch = {**batch, "keys": [str(i) for i in range(len(batch["sample_lengths"]))], "skipped": [],
+    batch = {**batch, "keys": [str(i) for i in range(len(batch["sample_lengths"]))], "skipped": [], "truncated": 0,
              "attention_mask": None}
     module = LitVLM(model, as_dict(stage.optimizer), as_dict(stage.schedule), total_steps=10)
     trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=cfg.trainer.precision,

@@ -25,11 +25,20 @@ def _module_classes(model: nn.Module, names: list[str], key: str) -> set[type]:
 
 
 class MmkitFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy, refusing in one line to resume from mmkit's checkpoint folders
-    (:class:`~mmkit.training.resume.SafeCheckpointIO`). Lightning's loader reads a single file or a
-    folder of FSDP shards only, and loading ours through its full-checkpoint path was tried: the
-    run went on, but the optimizer state FSDP saved (keyed by flat parameter ids) did not map back
-    to the same parameters, and the resumed weights differed from an uninterrupted run's by 1e-3."""
+    """Lightning's FSDPStrategy that saves into mmkit's checkpoint folders
+    (:class:`~mmkit.training.resume.SafeCheckpointIO`) and refuses in one line to resume from them.
+    Lightning's loader reads a single file or a folder of FSDP shards only; loading ours through
+    its full-checkpoint path was tried: the run went on, but the optimizer state FSDP saved (keyed
+    by flat parameter ids) did not map back to the same parameters, and the resumed weights
+    differed from an uninterrupted run's by 1e-3."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        if self._state_dict_type != "full":
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        # What FSDPStrategy does for a full state dict (rank 0 hands it to the checkpoint IO), less its
+        # refusal of a path that is a folder: mmkit's checkpoints are folders, and every rank makes
+        # that check while rank 0 writes, so a rank that looked after rank 0 had written refused it.
+        return super(FSDPStrategy, self).save_checkpoint(checkpoint, filepath, storage_options)
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))

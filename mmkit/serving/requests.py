@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import math
 import urllib.error
@@ -24,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mmkit.core.errors import DataError
 from mmkit.core.interfaces import IMAGE_TOKEN
-from mmkit.data.images import ImageLimits, decode_image
+from mmkit.data.images import ImageLimits, decode_image, header_size
 from mmkit.inference.generation import Prompt, Sampling
 
 ROLES = {"user": "human", "assistant": "gpt"}
@@ -273,14 +272,13 @@ def _fetch(url: str, limits: Limits, param: str) -> bytes:
 
 def _decode(data: bytes, limits: Limits, param: str, check_image_size: Callable[[int, int], None] | None) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as exc:  # PIL raises several types for data that is not an image
-        raise RequestError(400, f"{param}: not an image ({exc})", param) from None
-    try:
         # From the header, before any pixel is decoded.
-        limits.image_limits.check_size(*image.size)
+        size = header_size(data)
+        if size is None:
+            raise RequestError(400, f"{param}: not an image (no image format recognised)", param)
+        limits.image_limits.check_size(*size)
         if check_image_size is not None:
-            check_image_size(*image.size)
+            check_image_size(*size)
     except DataError as exc:
         raise RequestError(413, f"{param}: {exc}", param) from None
     try:

@@ -1,8 +1,8 @@
 """Every rank takes part in every step's gradient reduction, shown first on one model, then with
 two processes on CPU (gloo), launched by torchrun as real subprocesses: the whole recipe under
 DDP and FSDP with a rank whose micro-batches hold no image and a rank whose first micro-batch was
-skipped whole, compared with one process over the same global batches; a killed DDP run resumed, a
-killed FSDP run's resumption refused.
+skipped whole, compared with one process over the same global batches; killed DDP and FSDP runs
+resumed to the uninterrupted runs' weights (FSDP killed in each stage).
 
 The data decides what each rank reads: with ``data.shuffle_buffer=0`` rank r reads shards r, r+2,
 r+4, ... in order, and with two samples a shard and ``micro_batch_size=2`` each micro-batch is
@@ -231,19 +231,19 @@ def _kill_with_its_workers(launcher: subprocess.Popen) -> None:
     launcher.wait()
 
 
-def _kill_after_first_checkpoint(run_dir: Path, shards: Path, trainer: list[str]) -> None:
+def _kill_after_first_checkpoint(run_dir: Path, shards: Path, trainer: list[str], stage: str = "pretrain") -> None:
     launcher = subprocess.Popen(_command(run_dir, shards, trainer, processes=2), cwd=CLI_CWD[0], env=os.environ.copy(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT_S
-        # The run's first checkpoint (stage 1, step 2), complete once its manifest is written (last).
-        while not list(run_dir.glob("pretrain/checkpoints/step-*/manifest.json")):
+        # The stage's first checkpoint (step 2), complete once its manifest is written (last).
+        while not list(run_dir.glob(f"{stage}/checkpoints/step-*/manifest.json")):
             assert launcher.poll() is None, f"the run ended (exit {launcher.returncode}) before its first checkpoint"
             assert time.monotonic() < deadline, "no checkpoint in time"
             time.sleep(0.05)
     finally:
         _kill_with_its_workers(launcher)
-    assert not (run_dir / "pretrain" / "stage.json").exists(), "the kill came after the stage had finished"
+    assert not (run_dir / stage / "stage.json").exists(), "the kill came after the stage had finished"
 
 
 @pytest.mark.slow
@@ -256,10 +256,11 @@ def test_a_killed_ddp_run_resumes_to_the_weights_of_the_uninterrupted_one(tmp_pa
 
 
 @pytest.mark.slow
-def test_resuming_a_killed_fsdp_run_is_refused_in_one_line(tmp_path: Path, shards: Path):
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_killed_fsdp_run_resumes_to_the_weights_of_the_uninterrupted_one(tmp_path: Path, shards: Path, fsdp: Path,
+                                                                          stage: str):
     run_dir = tmp_path / "killed"
-    _kill_after_first_checkpoint(run_dir, shards, FSDP)
-    result = subprocess.run(_command(tmp_path / "resumed", shards, FSDP, 2, [f"resume={run_dir}"]), cwd=CLI_CWD[0],
-                            capture_output=True, text=True, timeout=TIMEOUT_S, env=os.environ.copy(), check=False)
-    assert result.returncode != 0
-    assert "resuming an FSDP stage is not supported yet" in result.stdout + result.stderr
+    _kill_after_first_checkpoint(run_dir, shards, FSDP, stage)
+    _train(tmp_path / "resumed", shards, FSDP, processes=2, extra=[f"resume={run_dir}"])
+    assert _stage(run_dir, stage)["resumed_from"]
+    _assert_same_weights(run_dir, fsdp)

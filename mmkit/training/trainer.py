@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
+from torch.optim import Optimizer
 
 from mmkit.core.errors import ConfigError
 from mmkit.training.resume import WEIGHTS_FILE, SafeCheckpointIO
@@ -24,13 +25,31 @@ def _module_classes(model: nn.Module, names: list[str], key: str) -> set[type]:
     return {found[name] for name in names}
 
 
+def _full_state_dicts(model: nn.Module, rank0_only: bool) -> Any:
+    """FSDP's context in which model and optimizer state dicts are whole and keyed by parameter
+    names: gathered to rank 0 for a save, on every rank for a load.
+
+    The optimizer state is moved to host memory only from an accelerator. torch gathers each of a
+    parameter's optimizer states (AdamW's ``exp_avg``, then ``exp_avg_sq``) into one reused buffer,
+    and "offloading" a CPU tensor returns that buffer itself, so on CPU both states came out as the
+    same tensor (the last one gathered) and a resumed run took different steps."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    on_accelerator = next(model.parameters()).device.type != "cpu"
+    return FSDP.state_dict_type(
+        module=model, state_dict_type=StateDictType.FULL_STATE_DICT,
+        state_dict_config=FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
+        optim_state_dict_config=FullOptimStateDictConfig(offload_to_cpu=on_accelerator, rank0_only=rank0_only),
+    )
+
+
 class MmkitFSDPStrategy(FSDPStrategy):
-    """Lightning's FSDPStrategy that saves into mmkit's checkpoint folders
-    (:class:`~mmkit.training.resume.SafeCheckpointIO`) and refuses in one line to resume from them.
-    Lightning's loader reads a single file or a folder of FSDP shards only; loading ours through
-    its full-checkpoint path was tried: the run went on, but the optimizer state FSDP saved (keyed
-    by flat parameter ids) did not map back to the same parameters, and the resumed weights
-    differed from an uninterrupted run's by 1e-3."""
+    """Lightning's FSDPStrategy that saves into and resumes from mmkit's checkpoint folders
+    (:class:`~mmkit.training.resume.SafeCheckpointIO`) with ``state_dict_type: full``.
+
+    The optimizer state is saved keyed by parameter names, as FSDP gives it (Lightning re-keys it by
+    position), and gathered as :func:`_full_state_dicts` explains."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         if self._state_dict_type != "full":
@@ -40,13 +59,36 @@ class MmkitFSDPStrategy(FSDPStrategy):
         # that check while rank 0 writes, so a rank that looked after rank 0 had written refused it.
         return super(FSDPStrategy, self).save_checkpoint(checkpoint, filepath, storage_options)
 
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        with _full_state_dicts(self.model, rank0_only=True):
+            return FSDP.optim_state_dict(self.model, getattr(optimizer, "_optimizer", optimizer))
+
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         path = Path(self.broadcast(checkpoint_path))
-        if (path / WEIGHTS_FILE).is_file():
-            raise ConfigError(f"resume: {path} was written under trainer=fsdp, and resuming an FSDP stage is not "
-                              "supported yet (it would not continue exactly); start the run again without resume=, "
-                              "or train with trainer=ddp, whose runs resume exactly")
-        return super().load_checkpoint(checkpoint_path, weights_only)
+        if not (path / WEIGHTS_FILE).is_file():
+            return super().load_checkpoint(checkpoint_path, weights_only)
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        checkpoint = self.checkpoint_io.load_checkpoint(path)
+        optimizer_states = checkpoint.get("optimizer_states") or []
+        if len(optimizer_states) != len(self.optimizers):
+            raise ConfigError(f"resume: {path} holds {len(optimizer_states)} optimizer states, this stage has "
+                              f"{len(self.optimizers)} optimizers")
+        with _full_state_dicts(self.model, rank0_only=False):
+            # The checkpoint holds the trained weights only; the frozen ones were built from the same source.
+            unexpected = self.model.load_state_dict(checkpoint["state_dict"], strict=False).unexpected_keys
+            if unexpected:
+                raise ConfigError(f"resume: {path} holds weights this model does not have, e.g. {unexpected[:3]}")
+            for optimizer, state in zip(self.optimizers, optimizer_states):
+                if any(isinstance(key, int) for key in state["state"]):
+                    raise ConfigError(f"resume: {path}'s optimizer state is keyed by position, as mmkit before "
+                                      "name-keyed FSDP checkpoints wrote it, and cannot be resumed exactly")
+                optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, state))
+        return checkpoint
 
 
 class FSDPOnCPUStrategy(MmkitFSDPStrategy):

@@ -15,6 +15,7 @@ import mmkit.data.templates.plain  # noqa: F401
 import mmkit.data.templates.vicuna_v1  # noqa: F401
 import mmkit.datagen.caption  # noqa: F401
 import mmkit.datagen.rules  # noqa: F401
+import mmkit.datagen.sources  # noqa: F401
 import mmkit.evaluation.bias  # noqa: F401
 import mmkit.evaluation.judge_validity  # noqa: F401
 import mmkit.evaluation.judges  # noqa: F401
@@ -35,6 +36,7 @@ from mmkit.core.registry import (
     ENCODERS,
     EVALUATORS,
     JUDGES,
+    SOURCES,
     TEACHERS,
     TEMPLATES,
     load_components,
@@ -44,7 +46,7 @@ from mmkit.core.registry import (
 def main() -> None:
     """One line per kind of component; a plugin that failed to load is reported above them."""
     load_components()
-    for registry in (ENCODERS, CONNECTORS, DECODERS, TEMPLATES, DATASETS, EVALUATORS, JUDGES, TEACHERS):
+    for registry in (ENCODERS, CONNECTORS, DECODERS, TEMPLATES, DATASETS, EVALUATORS, JUDGES, TEACHERS, SOURCES):
         print(f"{registry.kind}: {', '.join(registry.names())}")
 
 

@@ -3,8 +3,8 @@
 It binds 127.0.0.1 on a free port and serves from a thread. Its replies are deterministic and
 built from the request itself: it recognises which response type was asked for by the system
 prompt (one of :data:`mmkit.datagen.prompts.SYSTEM_PROMPTS`) and reads the scene from the last
-user message (the ``- category: [x1, y1, x2, y2]`` lines of the symbolic view), so every fact in
-a reply is true of the scene. It can refuse a wrong key, fail its first N requests with a
+user message (the ``category: [x1, y1, x2, y2]`` lines of the image's context), so every fact in
+a reply is true of the scene. It keeps every request's messages (``received``). It can refuse a wrong key, fail its first N requests with a
 status, fail every request, answer slowly, or reply with text of the test's choosing; it counts
 requests, remembers their Authorization headers and the most requests it had in flight at once.
 
@@ -33,7 +33,7 @@ from mmkit.synth.world import (
     reading_order,
 )
 
-_OBJECT_LINE = re.compile(r"^- (\w+ \w+): \[([^\]]*)\]$", re.MULTILINE)
+_OBJECT_LINE = re.compile(r"^(\w+ \w+): \[([^\]]*)\]$", re.MULTILINE)
 
 # reply(response_type, objects) -> the reply text, or None for the server's own reply.
 ReplyHook = Callable[[str, Any], "str | None"]
@@ -44,7 +44,7 @@ def scene_objects(context: str) -> tuple[Any, ...]:
     view = {
         "objects": [
             {"category": category, "bbox": [float(c) for c in box.split(",")]}
-            for category, box in _OBJECT_LINE.findall(context.split("Objects:", 1)[-1])
+            for category, box in _OBJECT_LINE.findall(context)
         ]
     }
     return objects_from_view(view)
@@ -99,6 +99,7 @@ class FakeChatServer:
         self.requests = 0
         self.authorizations: list[str | None] = []
         self.types: list[str] = []
+        self.received: list[list[dict[str, Any]]] = []  # each request's messages, in arrival order
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -183,6 +184,8 @@ class FakeChatServer:
                     model = request["model"]
                 except (ValueError, KeyError, TypeError):
                     return self._error(400, "malformed request body")
+                with server._lock:
+                    server.received.append(messages)
                 if server.respond is not None:
                     text = server.respond(messages)
                 else:

@@ -65,9 +65,9 @@ def test_prompts_give_the_teacher_captions_and_boxes_only() -> None:
         context = messages[-1]["content"]
         assert context == format_context(view)
         assert all(caption in context for caption in view["captions"])
-        for annotation in view["objects"]:
+        for annotation in view["objects"]:  # LLaVA's caps layout: "label: [x1, y1, x2, y2]" lines
             box = ", ".join(repr(c) for c in annotation["bbox"])
-            assert f"- {annotation['category']}: [{box}]" in context
+            assert f"\n{annotation['category']}: [{box}]" in context
         # The few-shot replies are in the format their own parser reads.
     for response_type, messages in prompts.items():
         for example_reply in (m["content"] for m in messages if m["role"] == "assistant"):
@@ -217,7 +217,8 @@ def test_the_cache_makes_a_second_run_send_no_requests(tmp_path: Path) -> None:
         again = list(again_teacher.write_many(*views_and_rngs()))
         assert server.requests == 3 * len(SCENES)  # nothing new was sent
         assert again == first
-        assert again_teacher.stats() == {"requests sent": 0, "replies from the cache": 3 * len(SCENES)}
+        stats = again_teacher.stats()
+        assert stats["requests sent"] == 0 and stats["replies from the cache"] == 3 * len(SCENES)
         # A different temperature is a different request.
         list(make_teacher(server, tmp_path / "cache", temperature=0.1, types="detailed").write_many(*views_and_rngs()))
         assert server.requests == 4 * len(SCENES)
@@ -236,7 +237,7 @@ def test_concurrent_requests_give_the_sequential_results_in_order(tmp_path: Path
     assert parallel == sequential
 
 
-def test_unusable_replies_are_reported_per_type(tmp_path: Path) -> None:
+def test_unusable_replies_are_asked_for_once_more_then_reported_per_type(tmp_path: Path) -> None:
     def garble(response_type, objects):
         return "I'd rather not." if response_type == "reasoning" else None
 
@@ -245,13 +246,23 @@ def test_unusable_replies_are_reported_per_type(tmp_path: Path) -> None:
         teacher = make_teacher(server, tmp_path)
         (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
         assert [type(o) for o in outcomes] == [Written, Written, Failed]
-        assert outcomes[2] == Failed("reasoning", "no 'Question:' / 'Answer:' lines in the reply")
+        assert outcomes[2] == Failed("reasoning", "no 'Question:' / 'Answer:' lines in the reply (twice)")
+        assert server.requests == 3 + 1  # the unusable reply was asked for again, once
+        assert teacher.stats()["unusable replies asked again"] == 1 and teacher.stats()["made good by the second reply"] == 0
         with pytest.raises(UnusableOutput, match="reasoning: no 'Question:'"):
             teacher.write(view, random.Random(0))
     with FakeChatServer(api_key="secret", finish_reason="length") as server:
         teacher = make_teacher(server, tmp_path / "b", types="detailed")
         (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
-        assert outcomes == [Failed("detailed", "the reply was cut off at max_tokens=1024")]
+        assert outcomes == [Failed("detailed", "the reply was cut off at max_tokens=1024 (twice)")]
+
+    # A first reply that cannot be used and a second that can: the second is kept.
+    replies = iter(["Sure! Let me think about it.", None])
+    with FakeChatServer(api_key="secret", reply=lambda response_type, objects: next(replies)) as server:
+        teacher = make_teacher(server, tmp_path / "c", types="reasoning")
+        (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
+        assert [type(o) for o in outcomes] == [Written] and server.requests == 2
+        assert teacher.stats()["unusable replies asked again"] == 1 and teacher.stats()["made good by the second reply"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,8 +402,9 @@ def test_cli_openai_teacher_against_the_test_server(tmp_path: Path) -> None:
         if single:
             assert f"failed: {single} (reasoning {single})" in result.stdout
             assert "No idea" not in (out / "train.json").read_text()
-        assert f"requests sent {24 + 2}, replies from the cache 0" in result.stdout
-        assert server.requests == 24 + 2 and set(server.authorizations) == {"Bearer secret"}
+        # 24 first replies, 2 refused with 429 and sent again, and a second sample of each unusable reply.
+        assert f"requests sent {24 + 2 + single}, replies from the cache 0" in result.stdout
+        assert server.requests == 24 + 2 + single and set(server.authorizations) == {"Bearer secret"}
         manifest = json.loads((out / "shards" / "manifest.json").read_text())
         assert manifest["num_samples"] == 24 - single
 
@@ -400,7 +412,8 @@ def test_cli_openai_teacher_against_the_test_server(tmp_path: Path) -> None:
         where = args.index("--out") + 1
         again = run_cli(args[:where] + [str(tmp_path / "gpt2")] + args[where + 1:], timeout=120)
         assert again.returncode == 0, again.stderr
-        assert "requests sent 0, replies from the cache 24" in again.stdout and server.requests == 26
+        assert f"requests sent 0, replies from the cache {24 + single}" in again.stdout
+        assert server.requests == 26 + single
         assert (tmp_path / "gpt2" / "train.json").read_bytes() == (out / "train.json").read_bytes()
 
     # A server that refuses the request: one error line, exit 2, nothing written for the scene.

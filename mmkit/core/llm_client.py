@@ -44,6 +44,16 @@ class _Retryable(Exception):
         self.retry_after = retry_after
 
 
+# OpenAI's rule of thumb for English text; without the model's tokenizer (none is downloaded), counts
+# made with it are estimates, which a real tokenizer may put 10-20% higher or lower.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(text: str) -> int:
+    """About how many tokens ``text`` is, at :data:`CHARS_PER_TOKEN` characters a token."""
+    return -(-len(text) // CHARS_PER_TOKEN)
+
+
 class ChatClient:
     """Chat completions from one model at one endpoint, cached and retried.
 
@@ -91,6 +101,8 @@ class ChatClient:
         self._lock = threading.Lock()
         self.requests_sent = 0  # HTTP requests actually made (cache hits are not requests)
         self.cache_hits = 0
+        # Tokens of the replies the server wrote (its "usage", else estimated), for tokens/s.
+        self.completion_tokens = 0
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any], key: str, **defaults: Any) -> "ChatClient":
@@ -105,7 +117,8 @@ class ChatClient:
         return cls(**{**defaults, **options}, key=key)
 
     def stats(self) -> dict[str, int]:
-        return {"requests sent": self.requests_sent, "replies from the cache": self.cache_hits}
+        return {"requests sent": self.requests_sent, "replies from the cache": self.cache_hits,
+                "reply tokens": self.completion_tokens}
 
     def cache_key(self, messages: list[dict[str, str]], sample: int = 0) -> str:
         identity = {
@@ -193,6 +206,10 @@ class ChatClient:
             raise DataError(
                 f"request to {self.url}: the reply is not a chat completion: {raw[:200]!r}"
             ) from None
+        usage = payload.get("usage") if isinstance(payload.get("usage"), dict) else {}
+        tokens = usage.get("completion_tokens")
+        with self._lock:
+            self.completion_tokens += tokens if isinstance(tokens, int) else estimate_tokens(content or "")
         return {"content": content, "finish_reason": choice.get("finish_reason")}
 
     def _number(self, name: str, value: Any, kind: type, minimum: float) -> Any:

@@ -148,6 +148,7 @@ TEMPLATES: Registry = Registry("template")
 DATASETS: Registry = Registry("dataset")
 EVALUATORS: Registry = Registry("evaluator")
 TEACHERS: Registry = Registry("teacher")
+SOURCES: Registry = Registry("source")  # annotation sources: images with captions and boxes, for teachers
 JUDGES: Registry = Registry("judge")
 
 

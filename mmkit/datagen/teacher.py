@@ -72,6 +72,21 @@ class Teacher(ABC):
         """Counters worth reporting after a run (e.g. requests sent, cache hits); none by default."""
         return {}
 
+    def requests(self, view: dict[str, Any], rng: random.Random) -> list[tuple[str, list[dict[str, str]]]]:
+        """The (response type, chat messages) requests :meth:`write` would send about ``view``, for
+        a dry run's count and cost; none for a teacher that asks no model."""
+        return []
+
+    @property
+    def max_reply_tokens(self) -> int | None:
+        """The most tokens a reply may have (the model's ``max_tokens``); None without a model."""
+        return None
+
+    def example_replies(self, response_type: str) -> list[str]:
+        """The few-shot example replies of ``response_type``, from which a dry run expects the
+        length of a reply; none for a teacher without examples."""
+        return []
+
     def write_many(
         self, scene_views: Iterable[dict[str, Any]], rngs: Iterable[random.Random]
     ) -> Iterator[list[Written | Failed]]:
@@ -109,6 +124,21 @@ def with_image(text: str, rng: random.Random) -> str:
     if rng.random() < 0.5:
         return f"{IMAGE_PLACEHOLDER}\n{text}"
     return f"{text}\n{IMAGE_PLACEHOLDER}"
+
+
+def outcome_records(image_id: str, image: str, outcomes: Sequence[Written | Failed]) -> list[dict[str, Any]]:
+    """One dict per outcome about an image: ``{"id", "image", "type", "conversations"}`` for a
+    conversation, ``{"id", "image", "type", "error"}`` for a failure. Ids are ``<image_id>-<index>``,
+    the index counting the image's outcomes, so an id does not change when another outcome fails."""
+    records = []
+    for index, outcome in enumerate(outcomes):
+        record: dict[str, Any] = {"id": f"{image_id}-{index}", "image": image, "type": outcome.type}
+        if isinstance(outcome, Failed):
+            record["error"] = outcome.reason
+        else:
+            record["conversations"] = outcome.conversation
+        records.append(record)
+    return records
 
 
 def conversation(pairs: Sequence[tuple[str, str]], rng: random.Random) -> Conversation:

@@ -1,49 +1,55 @@
-"""Write a teacher's instruction data about the synthetic world into a folder, resumably.
+"""Write a teacher's instruction data about a source's images into a folder, resumably.
 
 The work behind ``python -m mmkit.datagen`` once its flags are parsed; the folder's layout and
 the resume rules are in that command's help. :func:`write_dataset` runs the steps in order:
-build the teacher, check that the folder holds this run's data (:func:`check_identity`), read
-the scenes already done (:func:`load_records`), teach the others while appending their records,
-then write the LLaVA JSON, the shards and a summary.
+build the source and the teacher, check that the folder holds this run's data
+(:func:`check_identity`), make sure the images are there, read the images already done
+(:func:`load_records`), teach the others while appending their records, then write the LLaVA
+JSON, the shards, the quality report and a summary.
 """
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
+import random
 import shutil
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from tqdm import tqdm
 
 from mmkit.core.atomic_io import write_text_atomically
 from mmkit.core.errors import ConfigError, DataError, MmkitError
-from mmkit.core.registry import TEACHERS, load_components
+from mmkit.core.registry import SOURCES, TEACHERS, load_components
 from mmkit.data.shards import write_shards
-from mmkit.datagen.teacher import Teacher, build_teacher
-from mmkit.synth.llava_data import LLAVA_KEYS, image_name, save_image, scene_records, teach
-from mmkit.synth.world import Scene, generate_scenes
+from mmkit.datagen.quality import MARKDOWN_FILE, Reviewed, assess, summary_lines, write_quality_report
+from mmkit.datagen.source import AnnotatedImage, AnnotationSource, View
+from mmkit.datagen.teacher import Failed, Teacher, Written, build_teacher, outcome_records
 
 IDENTITY_FILE = "datagen.json"
 RECORDS_FILE = "records.jsonl"
 SHARD_DIR = "shards"
-_FORMAT = 1
+LLAVA_KEYS = ("id", "image", "conversations")
+# 2: the annotation source is part of a folder's identity (format 1 folders were synthetic only).
+_FORMAT = 2
 
 
 @dataclass(frozen=True)
 class DatagenSettings:
     """What to write and where: the command's flags, checked, with ``--option`` parsed."""
 
+    source: str
+    source_options: dict[str, Any]
     teacher: str
     options: dict[str, Any]
-    split: str
-    count: int
+    count: int | None  # the first N images of the source; None: all of them
     seed: int
-    resolution: int
     out: Path
     samples_per_shard: int
     shards: bool
@@ -62,21 +68,45 @@ class _Tally:
 
 def write_dataset(settings: DatagenSettings) -> str:
     """Write ``settings.out``, or continue writing it; returns the summary to print."""
-    teacher = _teacher(settings.teacher, settings.options)
-    scenes = generate_scenes(settings.split, settings.count, settings.seed)  # checks the split too
+    source = build_source(settings.source, settings.source_options)
+    teacher = load_teacher(settings.teacher, settings.options)
+    images = chosen_images(source, settings.count)
     check_identity(settings.out, _identity(settings, teacher))
-    image_dir = _image_dir(settings.out)
+    source.prepare(images, settings.out, settings.progress)
     done = load_records(settings.out / RECORDS_FILE)
-    resumed = _teach_missing_scenes(settings, teacher, scenes, done, image_dir)
-    _restore_missing_images(scenes, image_dir, settings.resolution)
-    tally = _tally(scenes, done)
-    json_path = settings.out / f"{settings.split}.json"
+    resumed = _teach_missing_images(settings, teacher, source, images, done)
+    tally = _tally(images, done)
+    json_path = settings.out / source.output_name
     write_text_atomically(json_path, json.dumps(tally.llava))
-    shard_note = _write_shards(tally.llava, image_dir, settings) if settings.shards else "no shards (--no-shards)"
-    return _summary(settings, len(scenes), resumed, tally, teacher.stats(), json_path, shard_note)
+    shard_note = _write_shards(tally.llava, source.image_root, settings) if settings.shards else "no shards (--no-shards)"
+    report = assess(_reviewed(source, images, done, settings.seed), source.vocabulary())
+    write_quality_report(settings.out, report)
+    return _summary(settings, source, len(images), resumed, tally, teacher.stats(), json_path, shard_note, report)
 
 
-def _teacher(name: str, options: dict[str, Any]) -> Teacher:
+def build_source(name: str, options: dict[str, Any]) -> AnnotationSource:
+    """The annotation source registered as ``name`` (a plugin's too), built with ``options``."""
+    if name not in SOURCES:
+        load_components()
+    SOURCES.get(name, key="source")
+    return SOURCES.build({"name": name, **options}, key="source")
+
+
+def chosen_images(source: AnnotationSource, count: int | None) -> list[AnnotatedImage]:
+    """The first ``count`` images of ``source`` (all when ``count`` is None)."""
+    images = source.images()
+    if count is not None and count > len(images):
+        raise ConfigError(f"--count={count}: {source.describe()} has {len(images)} images")
+    return images if count is None else images[:count]
+
+
+def image_rng(seed: int, image: AnnotatedImage) -> random.Random:
+    """The generator for everything written about ``image`` (its view, then its conversations);
+    for a synthetic scene, the one :func:`mmkit.synth.llava_data.scene_rng` gives."""
+    return random.Random(f"mmkit-text:{seed}:{image.id}")
+
+
+def load_teacher(name: str, options: dict[str, Any]) -> Teacher:
     if name not in TEACHERS:
         load_components()  # a plugin's teacher; the built-in ones are registered already
     return build_teacher(name, options)
@@ -84,13 +114,14 @@ def _teacher(name: str, options: dict[str, Any]) -> Teacher:
 
 def _identity(settings: DatagenSettings, teacher: Teacher) -> dict[str, Any]:
     """What decides the folder's content: a resumed run must match it exactly."""
+    source = SOURCES.get(settings.source)
     return {
         "format": _FORMAT,
+        "source": settings.source,
+        "source_options": _output_options(source, settings.source_options, source.operational_options),
         "teacher": settings.teacher,
         "options": _output_options(TEACHERS.get(settings.teacher), settings.options, teacher.operational_options),
-        "split": settings.split,
         "seed": settings.seed,
-        "resolution": settings.resolution,
     }
 
 
@@ -109,9 +140,11 @@ def _output_options(constructor: Any, options: dict[str, Any], operational: froz
 
 def _flat(identity: dict[str, Any]) -> dict[str, Any]:
     """``{"options": {"model": m}}`` as ``{"option model": m}``, so a difference names the option."""
-    flat = {key: value for key, value in identity.items() if key != "options"}
-    options = identity.get("options")
-    flat.update({f"option {key}": value for key, value in (options.items() if isinstance(options, dict) else [])})
+    nested = {"options": "option", "source_options": "source option"}
+    flat = {key: value for key, value in identity.items() if key not in nested}
+    for key, label in nested.items():
+        options = identity.get(key)
+        flat.update({f"{label} {name}": value for name, value in (options.items() if isinstance(options, dict) else [])})
     return flat
 
 
@@ -143,18 +176,10 @@ def check_identity(out: Path, identity: dict[str, Any]) -> bool:
     return False
 
 
-def _image_dir(out: Path) -> Path:
-    image_dir = out / "images"
-    image_dir.mkdir(exist_ok=True)
-    for leftover in image_dir.glob(".*.tmp"):  # an image a killed run was saving
-        leftover.unlink(missing_ok=True)
-    return image_dir
-
-
 def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
-    """The records of every scene that ``path`` holds completely, by scene id.
+    """The records of every image that ``path`` holds completely, by image id.
 
-    A kill can leave a half-written last line, or some but not all of the last scene's lines:
+    A kill can leave a half-written last line, or some but not all of the last image's lines:
     those are dropped, and the file is rewritten (atomically) without them, so the next append
     starts on a clean line.
     """
@@ -163,7 +188,7 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
     data = path.read_bytes()
     lines = data.split(b"\n")
     complete_lines, tail = lines[:-1], lines[-1]  # the tail is b"" when the file ends in a newline
-    by_scene: dict[str, list[dict[str, Any]]] = {}
+    by_image: dict[str, list[dict[str, Any]]] = {}
     kept: list[bytes] = []
     group: list[tuple[dict[str, Any], bytes]] = []
 
@@ -171,10 +196,10 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
         if not group:
             return
         first = group[0][0]
-        scene, expected = first["scene"], first["n_outputs"]
+        image_id, expected = first["image_id"], first["n_outputs"]
         records = [record for record, _ in group if "index" in record]
-        if len(records) == expected and scene not in by_scene:
-            by_scene[scene] = records
+        if len(records) == expected and image_id not in by_image:
+            by_image[image_id] = records
             kept.extend(raw for _, raw in group)
         group.clear()
 
@@ -183,7 +208,7 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
             continue
         try:
             record = json.loads(raw)
-            scene = record["scene"]
+            image_id = record["image_id"]
             int(record["n_outputs"])
         except (ValueError, KeyError, TypeError):
             if number == len(complete_lines) and not tail:
@@ -191,75 +216,88 @@ def load_records(path: Path) -> dict[str, list[dict[str, Any]]]:
             raise DataError(
                 f"{path}: line {number} is not a record this command wrote; delete the folder to start over"
             ) from None
-        if group and group[0][0]["scene"] != scene:
+        if group and group[0][0]["image_id"] != image_id:
             close_group()
         group.append((record, raw))
     close_group()
     clean = b"".join(raw + b"\n" for raw in kept)
     if clean != data:
         write_text_atomically(path, clean.decode("utf-8"))
-    return by_scene
+    return by_image
 
 
-def scene_lines(scene_id: str, records: list[dict[str, Any]]) -> str:
-    """``records.jsonl`` lines for one scene; each carries the scene and how many records it has,
-    so a scene cut short by a kill is recognised and written again."""
-    if not records:  # a scene the teacher wrote nothing about still counts as done
-        return json.dumps({"scene": scene_id, "n_outputs": 0}) + "\n"
+def image_lines(image_id: str, records: list[dict[str, Any]]) -> str:
+    """``records.jsonl`` lines for one image; each carries the image's id and how many records it
+    has, so an image cut short by a kill is recognised and written again."""
+    if not records:  # an image the teacher wrote nothing about still counts as done
+        return json.dumps({"image_id": image_id, "n_outputs": 0}) + "\n"
     lines = [
-        json.dumps({"scene": scene_id, "index": index, "n_outputs": len(records), **record}, ensure_ascii=False)
+        json.dumps({"image_id": image_id, "index": index, "n_outputs": len(records), **record}, ensure_ascii=False)
         for index, record in enumerate(records)
     ]
     return "".join(line + "\n" for line in lines)
 
 
-def _teach_missing_scenes(
-    settings: DatagenSettings, teacher: Teacher, scenes: list[Scene], done: dict[str, list[dict[str, Any]]],
-    image_dir: Path,
+def _views(source: AnnotationSource, images: list[AnnotatedImage], seed: int) -> Iterator[tuple[View, random.Random]]:
+    for image in images:
+        rng = image_rng(seed, image)
+        yield source.view(image, rng), rng
+
+
+def _teach_missing_images(
+    settings: DatagenSettings, teacher: Teacher, source: AnnotationSource, images: list[AnnotatedImage],
+    done: dict[str, list[dict[str, Any]]],
 ) -> int:
-    """Teach the scenes ``done`` lacks, saving each (image, then records) as it comes and adding
-    it to ``done``. Returns how many scenes an earlier run had done."""
-    todo = [scene for scene in scenes if scene.scene_id not in done]
-    resumed = len(scenes) - len(todo)
+    """Teach the images ``done`` lacks, appending each one's records as they come and adding them
+    to ``done``. Returns how many images an earlier run had done."""
+    todo = [image for image in images if image.id not in done]
+    resumed = len(images) - len(todo)
     bar = tqdm(
-        total=len(scenes), initial=resumed, desc=f"{settings.split} scenes ({settings.teacher})", unit="scene",
-        disable=not settings.progress, file=sys.stderr,
+        total=len(images), initial=resumed, desc=f"{source.describe()}, {settings.teacher} teacher",
+        unit=source.unit, disable=not settings.progress, file=sys.stderr,
     )
-    written_now = 0
+    views, rngs = itertools.tee(_views(source, todo, settings.seed))
+    outcomes = teacher.write_many((view for view, _ in views), (rng for _, rng in rngs))
+    written_now = failed = 0
+    started, tokens_before = time.monotonic(), teacher.stats().get("reply tokens", 0)
     try:
         with open(settings.out / RECORDS_FILE, "a", encoding="utf-8") as handle:
-            for scene, outcomes in teach(teacher, todo, settings.seed):
-                save_image(scene, image_dir, settings.resolution)  # before its records: done means complete
-                records = scene_records(scene, outcomes)
-                handle.write(scene_lines(scene.scene_id, records))
+            for image, outcome in zip(todo, outcomes):
+                records = outcome_records(image.id, image.image, outcome)
+                handle.write(image_lines(image.id, records))
                 handle.flush()
-                done[scene.scene_id] = records
+                done[image.id] = records
                 written_now += 1
+                failed += sum(isinstance(item, Failed) for item in outcome)
+                bar.set_postfix_str(_progress_note(teacher, failed, started, tokens_before), refresh=False)
                 bar.update()
     except MmkitError as exc:
         bar.close()
-        raise _with_resume_hint(exc, resumed + written_now, len(scenes), settings.out) from None
+        raise _with_resume_hint(exc, resumed + written_now, len(images), settings.out, source.unit) from None
     bar.close()
     return resumed
 
 
-def _with_resume_hint(exc: MmkitError, saved: int, total: int, out: Path) -> MmkitError:
+def _progress_note(teacher: Teacher, failed: int, started: float, tokens_before: int) -> str:
+    """The progress bar's note: the teacher's reply tokens a second (for a teacher that asks a
+    model) and the responses that could not be used so far."""
+    tokens = teacher.stats().get("reply tokens")
+    note = f"failed {failed}"
+    if tokens is not None:
+        note = f"{(tokens - tokens_before) / max(time.monotonic() - started, 1e-9):.0f} reply tok/s, {note}"
+    return note
+
+
+def _with_resume_hint(exc: MmkitError, saved: int, total: int, out: Path, unit: str) -> MmkitError:
     """``exc`` retold with what is saved, so a stopped run is known to be resumable."""
     kind = ConfigError if isinstance(exc, ConfigError) else DataError
-    return kind(f"{exc} ({saved} of {total} scenes are saved in {out}; run the same command again to continue)")
+    return kind(f"{exc} ({saved} of {total} {unit}s are saved in {out}; run the same command again to continue)")
 
 
-def _restore_missing_images(scenes: list[Scene], image_dir: Path, resolution: int) -> None:
-    """Images of resumed scenes, should any have gone missing."""
-    for scene in scenes:
-        if not (image_dir / image_name(scene)).is_file():
-            save_image(scene, image_dir, resolution)
-
-
-def _tally(scenes: list[Scene], done: dict[str, list[dict[str, Any]]]) -> _Tally:
+def _tally(images: list[AnnotatedImage], done: dict[str, list[dict[str, Any]]]) -> _Tally:
     tally = _Tally()
-    for scene in scenes:  # in scene order, so the LLaVA JSON does not depend on where a run resumed
-        for record in done[scene.scene_id]:
+    for image in images:  # in the source's order, so the LLaVA JSON does not depend on where a run resumed
+        for record in done[image.id]:
             if "error" in record:
                 tally.failed[record["type"]] += 1
                 tally.failures.append(f"{record['id']} ({record['type']}): {record['error']}")
@@ -267,6 +305,20 @@ def _tally(scenes: list[Scene], done: dict[str, list[dict[str, Any]]]) -> _Tally
                 tally.by_type[record["type"]] += 1
                 tally.llava.append({key: record[key] for key in LLAVA_KEYS})
     return tally
+
+
+def _reviewed(source: AnnotationSource, images: list[AnnotatedImage], done: dict[str, list[dict[str, Any]]],
+              seed: int) -> list[Reviewed]:
+    """Every conversation with the captions and labels its image's teacher was shown (the view
+    drawn again from the image's generator: the same one)."""
+    reviewed = []
+    for image in images:
+        view = source.view(image, image_rng(seed, image))
+        labels = [str(annotation["category"]) for annotation in view["objects"]]
+        reviewed += [Reviewed(id=record["id"], type=record["type"], turns=record["conversations"],
+                              captions=list(view["captions"]), labels=labels)
+                     for record in done[image.id] if "conversations" in record]
+    return reviewed
 
 
 def _write_shards(llava: list[dict[str, Any]], image_dir: Path, settings: DatagenSettings) -> str:
@@ -284,15 +336,15 @@ def _write_shards(llava: list[dict[str, Any]], image_dir: Path, settings: Datage
 
 
 def _summary(
-    settings: DatagenSettings, scenes: int, resumed: int, tally: _Tally, stats: dict[str, int], json_path: Path,
-    shard_note: str,
+    settings: DatagenSettings, source: AnnotationSource, images: int, resumed: int, tally: _Tally,
+    stats: dict[str, int], json_path: Path, shard_note: str, report: dict[str, Any],
 ) -> str:
     by_type, failed, failures = tally.by_type, tally.failed, tally.failures
     width = max([len("total")] + [len(t) for t in by_type] + [len(t) for t in failed])
     lines = [
         (
-            f"{settings.teacher} teacher, {settings.split} split, seed {settings.seed}: {scenes} scenes "
-            f"({scenes - resumed} written now, {resumed} from an earlier run)"
+            f"{settings.teacher} teacher on {source.describe()}, seed {settings.seed}: {images} {source.unit}s "
+            f"({images - resumed} written now, {resumed} from an earlier run)"
         ),
         "records by type:",
     ]
@@ -301,7 +353,9 @@ def _summary(
     lines += _failure_lines(failed, failures, settings.out / RECORDS_FILE)
     if stats:
         lines.append("teacher: " + ", ".join(f"{key} {value}" for key, value in stats.items()))
-    lines.append(f"wrote {json_path} ({sum(by_type.values())} records); {shard_note}")
+    lines += summary_lines(report)
+    lines.append(f"wrote {json_path} ({sum(by_type.values())} records); {shard_note}; "
+                 f"quality report in {settings.out / MARKDOWN_FILE}")
     return "\n".join(lines)
 
 

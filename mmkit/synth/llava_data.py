@@ -25,7 +25,7 @@ import mmkit.datagen.openai  # noqa: F401  (registers the "openai" teacher)
 import mmkit.datagen.rules  # noqa: F401  (registers the "rules" teacher)
 from mmkit.core.atomic_io import atomic_path
 from mmkit.core.registry import TEACHERS
-from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher
+from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher, outcome_records
 from mmkit.synth.world import Scene, generate_scenes, render, symbolic_view
 
 # The keys of a record in LLaVA's JSON format.
@@ -55,18 +55,8 @@ def image_name(scene: Scene) -> str:
 
 
 def scene_records(scene: Scene, outcomes: Sequence[Written | Failed]) -> list[dict[str, Any]]:
-    """One dict per outcome: ``{"id", "image", "type", "conversations"}`` for a conversation,
-    ``{"id", "image", "type", "error"}`` for a failure. Ids are ``<scene_id>-<index>``, the index
-    counting the scene's outcomes, so an id does not change when another outcome fails."""
-    records = []
-    for index, outcome in enumerate(outcomes):
-        record: dict[str, Any] = {"id": f"{scene.scene_id}-{index}", "image": image_name(scene), "type": outcome.type}
-        if isinstance(outcome, Failed):
-            record["error"] = outcome.reason
-        else:
-            record["conversations"] = outcome.conversation
-        records.append(record)
-    return records
+    """The records of what a teacher wrote about ``scene`` (see :func:`outcome_records`)."""
+    return outcome_records(scene.scene_id, image_name(scene), outcomes)
 
 
 def llava_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -10,6 +10,9 @@
   the default, takes a box whose coordinates all lie in [0, 1] as fractions). A pixel box becomes
   fractions of the image's ``width`` and ``height``, from the line or, when absent, from the
   image file's header.
+
+The quality report's check for objects a conversation mentions but its image lacks knows the
+labels that appear anywhere in the file.
 """
 from __future__ import annotations
 

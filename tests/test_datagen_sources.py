@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import TINY_RUN, compose, run_cli
+from conftest import REPO, TINY_RUN, compose, run_cli
 from openai_server import FakeChatServer
 from PIL import Image, ImageDraw
 
@@ -174,12 +174,21 @@ def test_a_prompt_folder_in_llava_layout_is_read_verbatim_and_refused_when_a_pai
     assert prompt.system == (prompts / "conversation" / "system_message.txt").read_text().rstrip("\n")
     assert [caps for caps, _ in prompt.examples] == [
         (prompts / "conversation" / f"{n:03d}_caps.txt").read_text().rstrip("\n") for n in range(2)]
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "system_message.txt").write_text("hi")
-    (broken / "000_caps.txt").write_text("a cat")
-    with pytest.raises(ConfigError, match="000_caps.txt has no 000_conv.txt beside it"):
-        load_prompt_folder(broken)
+    assert prompt.with_boxes  # its examples list boxes, so each image's context does too
+    unpaired = tmp_path / "unpaired"
+    unpaired.mkdir()
+    (unpaired / "system_message.txt").write_text("hi")
+    (unpaired / "000_caps.txt").write_text("A cat on a mat.")
+    (unpaired / "000_conv.txt").write_text("Question:\nWhat is it?\n===\nAnswer:\nA cat.")
+    (unpaired / "001_conv.txt").write_text("Question:\nWhere?\n===\nAnswer:\nOn a mat.")
+    with pytest.warns(UserWarning, match="001_conv.txt has no 001_caps.txt beside it; that example is left out"):
+        captions_only = load_prompt_folder(unpaired)
+    assert captions_only.examples == (("A cat on a mat.", "Question:\nWhat is it?\n===\nAnswer:\nA cat."),)
+    # Examples with captions only (LLaVA's conversation prompt): the image's context has no boxes either.
+    view = {"captions": ["A dog on grass."], "objects": [{"category": "dog", "bbox": [0.1, 0.2, 0.3, 0.4]}]}
+    assert not captions_only.with_boxes and captions_only.messages(view)[-1]["content"] == "A dog on grass."
+    with pytest.raises(ConfigError, match="has no system_message.txt"):
+        load_prompt_folder(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +276,11 @@ def test_the_dry_run_counts_what_a_run_sends_and_prices_it(coco_run) -> None:
     cost = re.search(r"total \$([\d.]+) \(at most \$([\d.]+)\)", dry.stdout)
     assert float(cost[1]) == pytest.approx(sum(sent.values()) * 2.5e-6 + reply_tokens * 10e-6, abs=1e-4)
     assert float(cost[2]) == pytest.approx(sum(sent.values()) * 2.5e-6 + most * 10e-6, abs=1e-4)
-    print(dry.stdout)
+    # The README shows this dry run's table and cost: they are these figures.
+    readme = (REPO / "README.md").read_text()
+    shown = [line for line in dry.stdout.splitlines() if line.startswith(("type ", "conversation ", "detailed ",
+                                                                             "reasoning ", "total ", "cost at "))]
+    assert len(shown) == 6 and all(f"    {line}\n" in readme for line in shown), dry.stdout
 
 
 @pytest.mark.slow

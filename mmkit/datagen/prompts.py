@@ -6,7 +6,8 @@ example pairs ``000_caps.txt`` / ``000_conv.txt``, ``001_caps.txt`` / ``001_conv
 image's context as the teacher reads it, and the reply wanted for it. A request is the system
 message, each example as a user message (its caps) and an assistant message (its conv), in the
 order of their numbers, then the image's own context (:func:`format_context`, the caps files'
-layout: the captions one a line, a blank line, then ``label: [x1, y1, x2, y2]`` lines).
+layout: the captions one a line, a blank line, then ``label: [x1, y1, x2, y2]`` lines; without
+the boxes when the examples have none, as in LLaVA's conversation prompt).
 
 LLaVA names the folders ``conversation``, ``detail_description`` and ``complex_reasoning``
 (:data:`LLAVA_FOLDERS`); ``--prompts DIR`` takes a folder holding those three (LLaVA's
@@ -18,6 +19,7 @@ without LLaVA's ``===`` lines between them, which :func:`parse_reply` reads back
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -32,6 +34,7 @@ LLAVA_FOLDERS: dict[str, str] = {
 SHIPPED_PROMPTS = Path(__file__).parent / "prompt_folders"
 SYSTEM_MESSAGE = "system_message.txt"
 _EXAMPLE_FILE = re.compile(r"^(\d+)_(caps|conv)\.txt$")
+_BOX_LINE = re.compile(r"^.+: \[[^\]]*\]$", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,15 @@ class FewShotPrompt:
     system: str
     examples: tuple[tuple[str, str], ...]
 
-    def messages(self, context: str) -> list[dict[str, str]]:
-        """The chat messages that ask for this type about an image whose context is ``context``."""
+    @property
+    def with_boxes(self) -> bool:
+        """Whether an image's context lists its boxes: as the examples' do. LLaVA's conversation
+        prompt shows the captions only; its description and reasoning prompts add the boxes."""
+        return not self.examples or any(_BOX_LINE.search(caps) for caps, _ in self.examples)
+
+    def messages(self, view: dict[str, Any]) -> list[dict[str, str]]:
+        """The chat messages that ask for this type about the image ``view``."""
+        context = format_context(view if self.with_boxes else {**view, "objects": []})
         messages = [{"role": "system", "content": self.system}]
         for caps, conv in self.examples:
             messages.append({"role": "user", "content": caps})
@@ -53,9 +63,9 @@ class FewShotPrompt:
 
 
 def load_prompt_folder(folder: Path, key: str = "--prompts") -> FewShotPrompt:
-    """The prompt in ``folder``, its files read verbatim (less a trailing newline); a folder
-    without a system message, or with a caps file whose conv file is missing (or the reverse),
-    is refused, naming the file."""
+    """The prompt in ``folder``, its files read verbatim (less a trailing newline). A folder
+    without a system message is refused; a caps file whose conv file is missing (or the reverse)
+    is left out with a warning naming it."""
     folder = Path(folder)
     if not (folder / SYSTEM_MESSAGE).is_file():
         raise ConfigError(f"{key}: {folder} has no {SYSTEM_MESSAGE} (a prompt folder in LLaVA's layout has "
@@ -68,8 +78,10 @@ def load_prompt_folder(folder: Path, key: str = "--prompts") -> FewShotPrompt:
     for number, pair in sorted(pairs.items()):
         if len(pair) != 2:
             have, lacks = ("caps", "conv") if "caps" in pair else ("conv", "caps")
-            raise ConfigError(f"{key}: {folder / f'{number}_{have}.txt'} has no {number}_{lacks}.txt beside it")
-    examples = tuple((pair["caps"], pair["conv"]) for _, pair in sorted(pairs.items(), key=lambda item: int(item[0])))
+            warnings.warn(f"{key}: {folder / f'{number}_{have}.txt'} has no {number}_{lacks}.txt beside it; "
+                          "that example is left out", UserWarning, stacklevel=2)
+    examples = tuple((pair["caps"], pair["conv"]) for _, pair in sorted(pairs.items(), key=lambda item: int(item[0]))
+                     if len(pair) == 2)
     return FewShotPrompt(folder=folder, system=_read(folder / SYSTEM_MESSAGE), examples=examples)
 
 
@@ -124,7 +136,7 @@ def build_messages(response_type: str, view: dict[str, Any], prompts: Mapping[st
     """The chat messages that ask for ``response_type`` about the image ``view``."""
     if response_type not in prompts:
         raise ValueError(f"no prompt for response type {response_type!r}; known: {', '.join(prompts)}")
-    return prompts[response_type].messages(format_context(view))
+    return prompts[response_type].messages(view)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -35,14 +35,24 @@ def test_unknown_registered_name_fails_with_one_line():
     ]
 
 
-def test_out_of_range_layer_fails_before_training(tmp_path):
-    result = run_cli(TRAIN + ["encoder.layer=99", f"hydra.run.dir={tmp_path}"])
+def test_out_of_range_layer_fails_before_training_and_leaves_no_run_folder(tmp_path):
+    result = run_cli(TRAIN + ["encoder.layer=99"], cwd=tmp_path)
     assert result.returncode == 2
     assert error_lines(result) == [
         "error: encoder.layer=99 is out of range: this encoder has 5 hidden states (embeddings + 4 blocks), "
         "so use -5..4"
     ]
-    assert not (tmp_path / "pretrain").exists()
+    assert list(tmp_path.iterdir()) == []  # Hydra's outputs/DATE/TIME was made, and removed again
+
+
+def test_a_refused_config_keeps_a_run_folder_that_holds_a_run(tmp_path):
+    (tmp_path / "pretrain").mkdir()  # an earlier run's stage
+    result = run_cli(TRAIN + ["recipe.stages.pretrain.epochs=0", f"hydra.run.dir={tmp_path}"])
+    assert result.returncode == 2 and "epochs" in error_lines(result)[0]
+    assert (tmp_path / "pretrain").is_dir()
+    fresh = tmp_path / "fresh"
+    again = run_cli(TRAIN + ["recipe.stages.pretrain.epochs=0", f"hydra.run.dir={fresh}"])
+    assert again.returncode == 2 and not fresh.exists()
 
 
 def test_multirun_with_several_devices_is_refused(tmp_path):

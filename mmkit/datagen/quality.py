@@ -251,7 +251,7 @@ def _markdown(report: dict[str, Any]) -> str:
               for kind, f in report["by_type"].items()]
     lines += ["", "## Hallucination proxy, by response type", "", "| type | flagged share |", "|---|---:|"]
     lines += [f"| {kind} | {share:.2%} |" for kind, share in hallucination["by_type"].items()]
-    lines += [f"| all | {hallucination['share']:.2%} ({hallucination['flagged']} conversations) |",
+    lines += [f"| all | {hallucination['share']:.2%} ({hallucination['flagged']} flagged) |",
               "", "## Duplicates", "", "| repeated | count |", "|---|---:|",
               f"| whole conversations | {duplicates['conversations']} |",
               f"| assistant answers | {duplicates['answers']} |",

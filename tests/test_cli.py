@@ -107,6 +107,10 @@ def read_summary(run_dir: Path) -> dict:
 def test_default_recipe_writes_a_traceable_run_folder(tmp_path):
     result = run_cli(TRAIN + TINY_RUN + ["connector=linear", "encoder.layer=-1", f"hydra.run.dir={tmp_path}"])
     assert result.returncode == 0, result.stderr[-3000:]
+    # Lightning's advertisements and torch's LeafSpec deprecation are dropped; its other messages stay.
+    output = result.stdout + result.stderr
+    assert "Tip:" not in output and "litlogger" not in output and "LeafSpec" not in output
+    assert "GPU available" in output
     summary = read_summary(tmp_path)
     assert list(summary["stages"]) == ["pretrain", "finetune"]
     pretrain, finetune = summary["stages"]["pretrain"], summary["stages"]["finetune"]

@@ -1,6 +1,9 @@
 """Build a Lightning Trainer from the ``trainer`` config group (cpu, gpu, ddp, fsdp presets)."""
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +178,33 @@ def finish_loggers(trainer: L.Trainer) -> None:
         wandb.finish()
 
 
+# Third-party messages that say nothing about the user's run, dropped by their text and nothing
+# else: Lightning's advertisements for its cloud products (once per stage), and torch's
+# deprecation of a type Lightning's own code still checks against (a FutureWarning per batch).
+_ADVERTISEMENTS = re.compile(r"^💡 Tip: .*(litlogger|litmodels)")
+_LEAFSPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+_LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+def quiet_third_party_noise() -> None:
+    """Drop the messages above at their source (their loggers, their warning's text); every other
+    message of Lightning and torch still shows. Safe to call more than once."""
+    for name in _LIGHTNING_INFO_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(_ADVERTISEMENTS))
+    warnings.filterwarnings("ignore", message=_LEAFSPEC_DEPRECATION, category=FutureWarning)
+
+
 def build_trainer(
     trainer_cfg: dict[str, Any],
     model: nn.Module,
@@ -187,6 +217,7 @@ def build_trainer(
 ) -> L.Trainer:
     """``checkpointing``: the resumable checkpoints of the stage (:mod:`mmkit.training.resume`);
     a finished stage's weights are written by the recipe either way."""
+    quiet_third_party_noise()
     options = dict(trainer_cfg)
     options["strategy"] = build_strategy(options.get("strategy", "auto"), model, options.get("accelerator", "auto"))
     return L.Trainer(

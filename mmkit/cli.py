@@ -3,7 +3,6 @@ MmkitError ends the command with one ``error:`` line on stderr and exit status 2
 and leaves no run folder behind."""
 from __future__ import annotations
 
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,7 +19,6 @@ from mmkit.core.errors import ConfigError, MmkitError
 # What a command writes into its folder before the config has passed every check: Hydra's own
 # files, the command's log, and the run's saved config.
 _SETUP_FILES = {".hydra", "run_config.yaml"}
-_HYDRA_DATE_FOLDER = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 
 def _fail(exc: MmkitError) -> None:
@@ -31,18 +29,19 @@ def _fail(exc: MmkitError) -> None:
 def _remove_setup_only_folder() -> None:
     """Hydra makes the run folder before mmkit has read the config; a command refused for it
     removes that folder again when it holds nothing but setup files, so a typo leaves no stub run
-    behind (and no emptied ``outputs/DATE`` of Hydra's default layout either)."""
+    behind (nor the folders of Hydra's ``outputs/`` tree it leaves empty)."""
     hydra_config = HydraConfig.get()
     folder = Path(hydra_config.runtime.output_dir)
     setup = _SETUP_FILES | {f"{hydra_config.job.name}.log"}
     if not folder.is_dir() or any(entry.name not in setup for entry in folder.iterdir()):
         return
     shutil.rmtree(folder, ignore_errors=True)
-    date_folder = folder.parent
-    if _HYDRA_DATE_FOLDER.fullmatch(date_folder.name) and not any(date_folder.iterdir()):
-        date_folder.rmdir()
-        if date_folder.parent.name == "outputs" and not any(date_folder.parent.iterdir()):
-            date_folder.parent.rmdir()
+    parent = folder.parent
+    while "outputs" in parent.parts and parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
+        if parent.name == "outputs":
+            break
+        parent = parent.parent
 
 
 def hydra_command(config_name: str, run: Callable[[DictConfig], Any]) -> Callable[[], None]:

@@ -29,9 +29,24 @@ def plan(cfg: DictConfig) -> dict[str, Any]:
     result = plan_run(cfg)
     out = Path(HydraConfig.get().runtime.output_dir) / "plan.json"
     out.write_text(json.dumps(result, indent=1))
+    assumed = _assumed_hardware(cfg)
+    if assumed:
+        print(assumed)
     print(format_table(result))
     print(f"written: {out}")
     return result
+
+
+def _assumed_hardware(cfg: DictConfig) -> str | None:
+    """The line that says which GPU the plan is for when the command line did not name one (a
+    plan is for GPUs even when the run's own trainer is the CPU default)."""
+    named = any(override.split("=", 1)[0].lstrip("+~") == "hardware" for override in HydraConfig.get().overrides.task)
+    if named:
+        return None
+    choice = HydraConfig.get().runtime.choices.get("hardware")
+    on_cpu = " (this run's trainer is on the CPU; the plan is for GPUs)" if cfg.trainer.get("accelerator") == "cpu" else ""
+    return (f"hardware: none given, so planned for hardware={choice} ({cfg.hardware.name}), plan.yaml's default"
+            f"{on_cpu}; choose with hardware=a100_40g|a100_80g|h100_80g|h200_141g")
 
 
 main = hydra_command("plan", plan)

@@ -111,10 +111,11 @@ def test_the_time_model_gives_back_a_known_run(tmp_path):
     print(f"LLaVA-1.5-7B stage 2: {at_full_utilisation.flops:.3e} model FLOPs; 10 h on 8 A100s is {implied_mfu:.1%} MFU")
     assert 0.15 < implied_mfu < 0.35  # the issue's own estimate is roughly 23%
     result = run_cli(["-m", "mmkit.plan", "experiment=llava_v1_5", "~recipe.stages.pretrain", "trainer.devices=8",
-                      "hardware=a100_80g",
                       f"plan.mfu.finetune={implied_mfu:.6f}", "plan.sequence_length=1024", f"hydra.run.dir={tmp_path}"],
                      timeout=300)
     assert result.returncode == 0, result.stderr
+    # No hardware= given: the plan says which card it assumed.
+    assert "hardware: none given, so planned for hardware=a100_80g (NVIDIA A100 SXM4 80GB)" in result.stdout
     plan = json.loads((tmp_path / "plan.json").read_text())
     assert plan["stages"]["finetune"]["time"]["hours"] == pytest.approx(10.0, abs=0.01)
     assert plan["parameters"]["total"] == pytest.approx(7.06e9, rel=0.005)
@@ -125,10 +126,11 @@ def test_the_time_model_gives_back_a_known_run(tmp_path):
     assert "finetune" in result.stdout and "peak GiB" in result.stdout
 
 
-def test_a_plan_without_hardware_fails_in_one_line():
-    result = run_cli(["-m", "mmkit.plan", "experiment=llava_v1_5", "~hardware"], timeout=300)
+def test_a_plan_without_hardware_fails_in_one_line_and_leaves_no_folder(tmp_path):
+    result = run_cli(["-m", "mmkit.plan", "experiment=llava_v1_5", "~hardware"], cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert "hardware: choose the accelerator to plan for" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # Hydra's outputs/plan/<time> was made, and removed again
 
 
 @pytest.mark.parametrize("overrides,message", [

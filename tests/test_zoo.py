@@ -80,3 +80,13 @@ def test_building_a_model_leaves_the_callers_random_state_alone(tmp_path, monkey
     torch.manual_seed(123)
     ensure_model("tiny-clip-random")  # built now: its builder seeds torch itself
     assert torch.equal(torch.rand(4), expected)
+
+
+def test_a_build_says_what_it_builds_why_where_and_how_long_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
+    folder = ensure_model("tiny-clip-random")
+    announced = capsys.readouterr().err.splitlines()
+    assert announced[0] == (f"zoo: building tiny-clip-random, an untrained CLIP ViT, for ablations (under a minute on "
+                            f"2 CPU cores); built once, cached in {folder}")
+    ensure_model("tiny-clip-random")  # cached: nothing to say
+    assert "zoo:" not in capsys.readouterr().err

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -22,11 +23,16 @@ def cache_folder(kind: str, identity: dict[str, Any]) -> Path:
     return mmkit_home() / "data" / f"{kind}-{digest}"
 
 
-def build_once(folder: Path, build: Callable[[Path], None]) -> Path:
+def build_once(folder: Path, build: Callable[[Path], None], announce: str | None = None) -> Path:
     """Run ``build(tmp)`` into a temporary folder and rename it to ``folder``: a crash never
-    leaves a half-built cache behind, and a finished one is reused."""
+    leaves a half-built cache behind, and a finished one is reused.
+
+    ``announce``: what is built and why, and roughly how long it takes; printed (with where it is
+    cached) before a build, so a first run says what it is doing before its first progress bar."""
     if folder.is_dir():
         return folder
+    if announce:
+        print(f"{announce}; built once, cached in {folder}", file=sys.stderr, flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)

@@ -29,19 +29,25 @@ from mmkit.zoo.text import build_tokenizer
 @dataclass(frozen=True)
 class ZooModel:
     """``build(out, *folders of requires)`` writes the model; bump ``version`` when its recipe
-    changes, so caches are rebuilt."""
+    changes, so caches are rebuilt. ``about`` says what it is for; ``minutes`` is its build time
+    on 2 CPU cores at full pretraining scale (the ``train_seconds`` its quality.json records)."""
 
     version: int
     build: Callable[..., None]
+    about: str
+    minutes: float
     requires: tuple[str, ...] = ()
 
 
 BUILDERS: dict[str, ZooModel] = {
-    "tiny-tokenizer": ZooModel(3, build_tokenizer),
-    "tiny-clip": ZooModel(4, build_tiny_clip, requires=("tiny-tokenizer",)),
-    "tiny-clip-random": ZooModel(2, build_tiny_clip_random),
-    "tiny-llama": ZooModel(4, build_tiny_llama, requires=("tiny-tokenizer",)),
-    "tiny-llama-large": ZooModel(2, partial(build_tiny_llama, size="tiny-llama-large"), requires=("tiny-tokenizer",)),
+    "tiny-tokenizer": ZooModel(3, build_tokenizer, "the BPE tokenizer of the zoo's language models", 0.2),
+    "tiny-clip": ZooModel(4, build_tiny_clip, "the embedded default's vision tower, a CLIP ViT pretrained "
+                          "contrastively on the synthetic world", 3.0, requires=("tiny-tokenizer",)),
+    "tiny-clip-random": ZooModel(2, build_tiny_clip_random, "an untrained CLIP ViT, for ablations", 0.1),
+    "tiny-llama": ZooModel(4, build_tiny_llama, "the embedded default's language model, a Llama pretrained on the "
+                           "synthetic world's text", 3.5, requires=("tiny-tokenizer",)),
+    "tiny-llama-large": ZooModel(2, partial(build_tiny_llama, size="tiny-llama-large"), "a larger Llama, for the "
+                                 "7B-vs-13B ablation's stand-in", 10.0, requires=("tiny-tokenizer",)),
 }
 
 
@@ -70,7 +76,10 @@ def ensure_model(name: str) -> Path:
         with torch.random.fork_rng(devices=[]):
             model.build(out, *required)
 
-    return build_once(model_folder(name), build)
+    minutes = model.minutes * pretraining_scale()
+    took = f"roughly {minutes:.0f} min" if minutes >= 1 else "under a minute"
+    return build_once(model_folder(name), build,
+                      announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores)")
 
 
 def quality(name: str) -> dict[str, Any] | None:

@@ -56,5 +56,6 @@ class ScienceQADataset(DatasetSource):
             json_path, images = write_llava_json(data_dir, self.split, self.prompt_format, out / "raw")
             convert_llava_json(json_path, images, out, self.samples_per_shard)
 
-        build_once(folder, build)
+        build_once(folder, build, announce=f"data: converting ScienceQA's {self.split} split in {data_dir} to shards "
+                                           "(seconds to a few minutes)")
         return ShardSet.from_folder(folder)

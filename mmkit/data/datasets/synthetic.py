@@ -37,7 +37,10 @@ class SyntheticDataset(DatasetSource):
 
     def shard_set(self) -> ShardSet:
         identity = {**self.options, "per_shard": self.samples_per_shard, "version": SYNTH_DATA_VERSION}
-        folder = build_once(cache_folder("synthetic", identity), self._build)
+        options = self.options
+        folder = build_once(cache_folder("synthetic", identity), self._build, announce=(
+            f"data: writing the synthetic {options['split']} set ({options['count']} scenes, "
+            f"{options['teacher']} teacher) and its shards (seconds to a few minutes)"))
         return ShardSet.from_folder(folder)
 
     def _build(self, out: Path) -> None:

@@ -35,6 +35,7 @@ from mmkit.synth.world import (
 
 _OBJECT_LINE = re.compile(r"^(\w+ \w+): \[([^\]]*)\]$", re.MULTILINE)
 
+HOLD_TIMEOUT_S = 60
 # reply(response_type, objects) -> the reply text, or None for the server's own reply.
 ReplyHook = Callable[[str, Any], "str | None"]
 
@@ -86,6 +87,7 @@ class FakeChatServer:
         reply: ReplyHook | None = None,
         finish_reason: str = "stop",
         respond: Callable[[list[dict[str, Any]]], str] | None = None,
+        hold_until_in_flight: int = 0,
     ) -> None:
         self.api_key = api_key  # None: no key is checked
         self.fail_first = fail_first
@@ -102,7 +104,11 @@ class FakeChatServer:
         self.received: list[list[dict[str, Any]]] = []  # each request's messages, in arrival order
         self.in_flight = 0
         self.max_in_flight = 0
+        # Each request waits until this many are in flight (at most HOLD_TIMEOUT_S): a test of
+        # concurrency sees its requests overlap however busy the machine is, without sleeping.
+        self.hold_until_in_flight = hold_until_in_flight
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -154,6 +160,9 @@ class FakeChatServer:
                     server.authorizations.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server._arrived.notify_all()
+                    server._arrived.wait_for(lambda: server.max_in_flight >= server.hold_until_in_flight,
+                                             timeout=HOLD_TIMEOUT_S)
                 self._in_flight = True
                 try:
                     if server.delay_s:

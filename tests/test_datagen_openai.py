@@ -227,9 +227,9 @@ def test_the_cache_makes_a_second_run_send_no_requests(tmp_path: Path) -> None:
 
 
 def test_concurrent_requests_give_the_sequential_results_in_order(tmp_path: Path) -> None:
-    with FakeChatServer(api_key="secret", delay_s=0.15) as server:
+    with FakeChatServer(api_key="secret", hold_until_in_flight=2) as server:
         parallel = list(make_teacher(server, tmp_path / "a", concurrency=6).write_many(*views_and_rngs()))
-        # Requests overlapped (each is held 0.15 s); how many at once depends on the machine's load.
+        # The server held the first request until a second one arrived: only a concurrent client gets there.
         assert server.max_in_flight >= 2
     with FakeChatServer(api_key="secret") as server:
         sequential = list(make_teacher(server, tmp_path / "b", concurrency=1).write_many(*views_and_rngs()))

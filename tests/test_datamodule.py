@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import time
 from itertools import islice
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -152,17 +153,22 @@ def test_each_epoch_has_its_own_order(shard_folder):
     assert sorted(first) == sorted(second) and first != second
 
 
-def test_resumable_batches_clock_how_long_the_loop_waited_for_each_batch():
-    """The throughput monitor's data_wait_share comes from this clock."""
+def test_resumable_batches_clock_how_long_the_loop_waited_for_each_batch(monkeypatch):
+    """The throughput monitor's data_wait_share comes from this clock. The clock is the test's own,
+    moved by the data (0.05 s a batch) and by the training steps (0.1 s each): what is counted does
+    not depend on how busy the machine is."""
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr("mmkit.data.resumable.time", SimpleNamespace(perf_counter=lambda: clock.now))
+
     def slow_epoch(epoch: int, trained: int):
         for index in range(trained, 5):
-            time.sleep(0.05)
+            clock.now += 0.05
             yield {"index": index}
 
     batches = ResumableBatches(slow_epoch, 3, lambda: (0, 0))
     consumed = []
     for batch in batches:
-        time.sleep(0.1)  # the training step: not waiting
+        clock.now += 0.1  # the training step: not waiting
         consumed.append(batch["index"])
     assert consumed == [0, 1, 2]
-    assert 0.15 <= batches.wait_seconds < 0.45  # the 0.3 s of steps are not counted
+    assert batches.wait_seconds == pytest.approx(0.15)  # the 0.3 s of steps are not counted

@@ -13,8 +13,8 @@ from collections import Counter
 from statistics import mean
 
 from mmkit.core.llm_client import CHARS_PER_TOKEN, estimate_tokens
-from mmkit.datagen.teacher import Teacher
-from mmkit.datagen.writer import DatagenSettings, build_source, chosen_images, image_rng, load_teacher
+from mmkit.datagen.teacher import Teacher, text_rng
+from mmkit.datagen.writer import DatagenSettings, build_source, chosen_images, load_teacher
 
 # Tokens a chat API adds around each message (role and separators): about 3-4 in OpenAI's format.
 MESSAGE_OVERHEAD = 4
@@ -30,7 +30,7 @@ def dry_run(settings: DatagenSettings, price_in: float | None, price_out: float 
     requests: Counter[str] = Counter()
     prompt_tokens: Counter[str] = Counter()
     for image in images:
-        rng = image_rng(settings.seed, image)
+        rng = text_rng(settings.seed, image.id)
         for response_type, messages in teacher.requests(source.view(image, rng), rng):
             requests[response_type] += 1
             prompt_tokens[response_type] += sum(estimate_tokens(m["content"]) + MESSAGE_OVERHEAD for m in messages)

@@ -126,6 +126,12 @@ def with_image(text: str, rng: random.Random) -> str:
     return f"{text}\n{IMAGE_PLACEHOLDER}"
 
 
+def text_rng(seed: int, image_id: str) -> random.Random:
+    """The generator for everything written about one image (its view, then its conversations),
+    so the data depend on neither the order replies arrive in nor where a run resumed."""
+    return random.Random(f"mmkit-text:{seed}:{image_id}")
+
+
 def outcome_records(image_id: str, image: str, outcomes: Sequence[Written | Failed]) -> list[dict[str, Any]]:
     """One dict per outcome about an image: ``{"id", "image", "type", "conversations"}`` for a
     conversation, ``{"id", "image", "type", "error"}`` for a failure. Ids are ``<image_id>-<index>``,

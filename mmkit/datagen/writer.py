@@ -30,12 +30,12 @@ from mmkit.core.registry import SOURCES, TEACHERS, load_components
 from mmkit.data.shards import write_shards
 from mmkit.datagen.quality import MARKDOWN_FILE, Reviewed, assess, summary_lines, write_quality_report
 from mmkit.datagen.source import AnnotatedImage, AnnotationSource, View
-from mmkit.datagen.teacher import Failed, Teacher, Written, build_teacher, outcome_records
+from mmkit.datagen.teacher import Failed, Teacher, build_teacher, outcome_records, text_rng
+from mmkit.synth.llava_data import llava_record
 
 IDENTITY_FILE = "datagen.json"
 RECORDS_FILE = "records.jsonl"
 SHARD_DIR = "shards"
-LLAVA_KEYS = ("id", "image", "conversations")
 # 2: the annotation source is part of a folder's identity (format 1 folders were synthetic only).
 _FORMAT = 2
 
@@ -98,12 +98,6 @@ def chosen_images(source: AnnotationSource, count: int | None) -> list[Annotated
     if count is not None and count > len(images):
         raise ConfigError(f"--count={count}: {source.describe()} has {len(images)} images")
     return images if count is None else images[:count]
-
-
-def image_rng(seed: int, image: AnnotatedImage) -> random.Random:
-    """The generator for everything written about ``image`` (its view, then its conversations);
-    for a synthetic scene, the one :func:`mmkit.synth.llava_data.scene_rng` gives."""
-    return random.Random(f"mmkit-text:{seed}:{image.id}")
 
 
 def load_teacher(name: str, options: dict[str, Any]) -> Teacher:
@@ -240,7 +234,7 @@ def image_lines(image_id: str, records: list[dict[str, Any]]) -> str:
 
 def _views(source: AnnotationSource, images: list[AnnotatedImage], seed: int) -> Iterator[tuple[View, random.Random]]:
     for image in images:
-        rng = image_rng(seed, image)
+        rng = text_rng(seed, image.id)
         yield source.view(image, rng), rng
 
 
@@ -303,7 +297,7 @@ def _tally(images: list[AnnotatedImage], done: dict[str, list[dict[str, Any]]]) 
                 tally.failures.append(f"{record['id']} ({record['type']}): {record['error']}")
             else:
                 tally.by_type[record["type"]] += 1
-                tally.llava.append({key: record[key] for key in LLAVA_KEYS})
+                tally.llava.append(llava_record(record))
     return tally
 
 
@@ -313,7 +307,7 @@ def _reviewed(source: AnnotationSource, images: list[AnnotatedImage], done: dict
     drawn again from the image's generator: the same one)."""
     reviewed = []
     for image in images:
-        view = source.view(image, image_rng(seed, image))
+        view = source.view(image, text_rng(seed, image.id))
         labels = [str(annotation["category"]) for annotation in view["objects"]]
         reviewed += [Reviewed(id=record["id"], type=record["type"], turns=record["conversations"],
                               captions=list(view["captions"]), labels=labels)

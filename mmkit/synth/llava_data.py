@@ -25,7 +25,7 @@ import mmkit.datagen.openai  # noqa: F401  (registers the "openai" teacher)
 import mmkit.datagen.rules  # noqa: F401  (registers the "rules" teacher)
 from mmkit.core.atomic_io import atomic_path
 from mmkit.core.registry import TEACHERS
-from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher, outcome_records
+from mmkit.datagen.teacher import IMAGE_PLACEHOLDER, Failed, Teacher, Written, build_teacher, outcome_records, text_rng
 from mmkit.synth.world import Scene, generate_scenes, render, symbolic_view
 
 # The keys of a record in LLaVA's JSON format.
@@ -34,7 +34,7 @@ LLAVA_KEYS = ("id", "image", "conversations")
 
 def scene_rng(seed: int, scene: Scene) -> random.Random:
     """The generator for everything written about ``scene`` (its captions, then its conversations)."""
-    return random.Random(f"mmkit-text:{seed}:{scene.scene_id}")
+    return text_rng(seed, scene.scene_id)
 
 
 _scene_rng = scene_rng  # the earlier private name

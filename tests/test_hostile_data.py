@@ -256,7 +256,10 @@ def test_an_interrupted_cli_conversion_leaves_nothing_behind(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "mmkit.data.shards", "--json", str(tmp_path / "data.json"), "--images",
          str(tmp_path / "images"), "--out", str(out), "--samples-per-shard", "500"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # As a terminal's Ctrl-C finds it: a suite started in the background (`make test &`)
+        # hands its children SIGINT ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while not (out / "shard-000001.tar").exists():  # two shards written, a third open

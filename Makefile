@@ -1,8 +1,8 @@
 # The two commands of the README: `make train` (the embedded default) and `make test`.
 # Both create .venv and install mmkit into it first, so they work on a fresh machine.
 # The tests run in two pytest-xdist workers (a file's tests stay on one worker, with its fixtures):
-# most of a test's time is process start-up and single-threaded Python, so two workers on two
-# cores took the suite from about 16 to 12 minutes.
+# most of a test's time is process start-up and single-threaded Python, which a second worker
+# overlaps. experiments/default_run.py times both targets (experiments/default_run/results.json).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin

@@ -98,6 +98,23 @@ def test_fsdp_splits_weights_gradients_and_adamw_over_the_ranks_and_offload_move
     assert ddp.peak > eight.peak  # DDP keeps every weight, gradient (twice: its buckets) and moment on every rank
 
 
+def test_a_lora_stage_is_planned_with_the_adapters_alone_trained():
+    # peft moves each new adapter to its base layer's device with Module.to, which torch cannot
+    # do on the fake tensors the plan builds with; the plan did not run at all with LoRA on.
+    cfg, build = _small([])
+    lora_cfg, lora_build = _small(["decoder.lora.enabled=true"])
+    full, lora = (predict_memory(b, c.recipe.stages.finetune, "finetune", step_spec(c, c.recipe.stages.finetune),
+                                 Strategy("single", 1)) for c, b in ((cfg, build), (lora_cfg, lora_build)))
+    model = lora_build()
+    configure_trainable(model, list(lora_cfg.recipe.stages.finetune.train), "finetune")
+    trainable = sum(p.nbytes for p in model.parameters() if p.requires_grad)
+    assert any("lora_" in name for name, p in model.named_parameters() if p.requires_grad)
+    assert lora.gradients == trainable
+    assert lora.optimizer == pytest.approx(2 * trainable, rel=1e-4)  # AdamW: two moments per weight (and a step count)
+    assert lora.weights > full.weights  # the adapters come on top of the frozen LM
+    assert lora.gradients < full.gradients / 5 and lora.optimizer < full.optimizer / 5
+
+
 def test_the_time_model_gives_back_a_known_run(tmp_path):
     """LLaVA-1.5-7B's stage 2: about 10 hours on 8 A100s for the 665K mix (LLaVA-1.5 paper). The MFU
     that time implies, fed back through python -m mmkit.plan, must come back as 10 hours."""

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -187,10 +187,11 @@ def _trace(build: Callable[[], VisionLanguageModel], stage: DictConfig, stage_ke
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = build()
+        with _module_to_for_fake_tensors():
+            model = build()
         weight_dtype_size = next(model.decoder.parameters()).element_size()
         if spec.precision.endswith("-true") or compute_dtype_weights:
-            _cast(model, _dtype(spec.precision, default=next(model.decoder.parameters()).dtype))
+            _fake_safe_to(model, _dtype(spec.precision, default=next(model.decoder.parameters()).dtype))
         configure_trainable(model, list(stage.train), f"recipe.stages.{stage_key}.train")
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -287,15 +288,33 @@ def worst_case_batch(model: VisionLanguageModel, spec: StepSpec, stage_key: str)
     }
 
 
-def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """``model.to(dtype)``, which fake tensors do not support: it swaps tensors in place."""
+def _fake_safe_to(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+    """``model.to(...)`` for fake tensors: it replaces each converted tensor in its module.
+    torch's own swaps the old tensor for the new, which fails on a fake tensor whose conversion
+    changes nothing (``Tensor.to`` returns the tensor itself), as when peft moves a new LoRA
+    adapter to its base layer's device and dtype."""
+    device, dtype, _, _ = torch._C._nn._parse_to(*args, **kwargs)
     for module in model.modules():
         for name, parameter in module.named_parameters(recurse=False):
-            if parameter.is_floating_point():
-                setattr(module, name, torch.nn.Parameter(parameter.to(dtype), requires_grad=parameter.requires_grad))
+            converted = parameter.to(device=device, dtype=dtype if parameter.is_floating_point() else None)
+            if converted is not parameter:
+                setattr(module, name, torch.nn.Parameter(converted, requires_grad=parameter.requires_grad))
         for name, buffer in module.named_buffers(recurse=False):
-            if buffer.is_floating_point():
-                module.register_buffer(name, buffer.to(dtype), persistent=name not in module._non_persistent_buffers_set)
+            converted = buffer.to(device=device, dtype=dtype if buffer.is_floating_point() else None)
+            if converted is not buffer:
+                module.register_buffer(name, converted, persistent=name not in module._non_persistent_buffers_set)
+    return model
+
+
+@contextlib.contextmanager
+def _module_to_for_fake_tensors() -> Iterator[None]:
+    """While the model is built on fake tensors: ``Module.to`` is :func:`_fake_safe_to`."""
+    module_to = torch.nn.Module.to
+    torch.nn.Module.to = _fake_safe_to
+    try:
+        yield
+    finally:
+        torch.nn.Module.to = module_to
 
 
 def _dtype(precision: str, default: torch.dtype) -> torch.dtype:

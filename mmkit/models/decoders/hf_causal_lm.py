@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -287,7 +288,11 @@ class HFCausalLM(LanguageDecoder):
             task_type="CAUSAL_LM",
         )
         try:
-            self.model = get_peft_model(self.model, config)
+            with warnings.catch_warnings():
+                # peft reads transformers' deprecated `is_gradient_checkpointing`; the warning is
+                # theirs to fix, and says nothing to an mmkit user.
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+                self.model = get_peft_model(self.model, config)
         except ValueError as exc:
             raise ConfigError(f"decoder.lora.target_modules: {exc}") from None
 

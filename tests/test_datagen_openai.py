@@ -42,7 +42,7 @@ def make_teacher(server: FakeChatServer, cache: Path, **options) -> OpenAITeache
 
 def views_and_rngs(scenes=SCENES):
     rngs = [scene_rng(0, scene) for scene in scenes]
-    return [symbolic_view(scene, rng) for scene, rng in zip(scenes, rngs)], rngs
+    return [(symbolic_view(scene, rng), rng) for scene, rng in zip(scenes, rngs)]
 
 
 def first_question(turns: list[dict]) -> str:
@@ -109,9 +109,9 @@ def test_reply_parsing() -> None:
 
 
 def test_three_types_over_http_with_answers_true_of_the_scene(tmp_path: Path) -> None:
-    views, rngs = views_and_rngs(SCENES[:3])
+    views = views_and_rngs(SCENES[:3])
     with FakeChatServer(api_key="secret") as server:
-        results = list(make_teacher(server, tmp_path).write_many(views, rngs))
+        results = list(make_teacher(server, tmp_path).write_many(views))
     assert server.requests == 9 and server.authorizations == ["Bearer secret"] * 9
     placements = set()
     for scene, written in zip(SCENES, results):
@@ -179,7 +179,7 @@ def test_a_400_fails_at_once_with_the_status_and_the_servers_message(tmp_path: P
             make_teacher(server, tmp_path).write(symbolic_view(SCENES[0], random.Random(0)), random.Random(0))
         assert server.requests == 1  # not retried
         with pytest.raises(DataError, match=r"HTTP 400: model 'fake-gpt' does not exist"):
-            list(make_teacher(server, tmp_path, concurrency=3).write_many(*views_and_rngs()))
+            list(make_teacher(server, tmp_path, concurrency=3).write_many(views_and_rngs()))
         assert server.requests <= 1 + 3 * len(SCENES)  # each request at most once
 
 
@@ -211,16 +211,16 @@ def test_bad_options_are_config_errors() -> None:
 
 def test_the_cache_makes_a_second_run_send_no_requests(tmp_path: Path) -> None:
     with FakeChatServer(api_key="secret") as server:
-        first = list(make_teacher(server, tmp_path / "cache").write_many(*views_and_rngs()))
+        first = list(make_teacher(server, tmp_path / "cache").write_many(views_and_rngs()))
         assert server.requests == 3 * len(SCENES)
         again_teacher = make_teacher(server, tmp_path / "cache")
-        again = list(again_teacher.write_many(*views_and_rngs()))
+        again = list(again_teacher.write_many(views_and_rngs()))
         assert server.requests == 3 * len(SCENES)  # nothing new was sent
         assert again == first
         stats = again_teacher.stats()
         assert stats["requests sent"] == 0 and stats["replies from the cache"] == 3 * len(SCENES)
         # A different temperature is a different request.
-        list(make_teacher(server, tmp_path / "cache", temperature=0.1, types="detailed").write_many(*views_and_rngs()))
+        list(make_teacher(server, tmp_path / "cache", temperature=0.1, types="detailed").write_many(views_and_rngs()))
         assert server.requests == 4 * len(SCENES)
     cached = list((tmp_path / "cache").rglob("*.json"))
     assert len(cached) == 4 * len(SCENES) and not list((tmp_path / "cache").rglob("*.tmp"))
@@ -228,11 +228,11 @@ def test_the_cache_makes_a_second_run_send_no_requests(tmp_path: Path) -> None:
 
 def test_concurrent_requests_give_the_sequential_results_in_order(tmp_path: Path) -> None:
     with FakeChatServer(api_key="secret", hold_until_in_flight=2) as server:
-        parallel = list(make_teacher(server, tmp_path / "a", concurrency=6).write_many(*views_and_rngs()))
+        parallel = list(make_teacher(server, tmp_path / "a", concurrency=6).write_many(views_and_rngs()))
         # The server held the first request until a second one arrived: only a concurrent client gets there.
         assert server.max_in_flight >= 2
     with FakeChatServer(api_key="secret") as server:
-        sequential = list(make_teacher(server, tmp_path / "b", concurrency=1).write_many(*views_and_rngs()))
+        sequential = list(make_teacher(server, tmp_path / "b", concurrency=1).write_many(views_and_rngs()))
         assert server.max_in_flight == 1
     assert parallel == sequential
 
@@ -244,7 +244,7 @@ def test_unusable_replies_are_asked_for_once_more_then_reported_per_type(tmp_pat
     view = symbolic_view(SCENES[0], random.Random(0))
     with FakeChatServer(api_key="secret", reply=garble) as server:
         teacher = make_teacher(server, tmp_path)
-        (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
+        (outcomes,) = list(teacher.write_many([(view, random.Random(0))]))
         assert [type(o) for o in outcomes] == [Written, Written, Failed]
         assert outcomes[2] == Failed("reasoning", "no 'Question:' / 'Answer:' lines in the reply (twice)")
         assert server.requests == 3 + 1  # the unusable reply was asked for again, once
@@ -253,14 +253,14 @@ def test_unusable_replies_are_asked_for_once_more_then_reported_per_type(tmp_pat
             teacher.write(view, random.Random(0))
     with FakeChatServer(api_key="secret", finish_reason="length") as server:
         teacher = make_teacher(server, tmp_path / "b", types="detailed")
-        (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
+        (outcomes,) = list(teacher.write_many([(view, random.Random(0))]))
         assert outcomes == [Failed("detailed", "the reply was cut off at max_tokens=1024 (twice)")]
 
     # A first reply that cannot be used and a second that can: the second is kept.
     replies = iter(["Sure! Let me think about it.", None])
     with FakeChatServer(api_key="secret", reply=lambda response_type, objects: next(replies)) as server:
         teacher = make_teacher(server, tmp_path / "c", types="reasoning")
-        (outcomes,) = list(teacher.write_many([view], [random.Random(0)]))
+        (outcomes,) = list(teacher.write_many([(view, random.Random(0))]))
         assert [type(o) for o in outcomes] == [Written] and server.requests == 2
         assert teacher.stats()["unusable replies asked again"] == 1 and teacher.stats()["made good by the second reply"] == 1
 

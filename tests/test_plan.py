@@ -103,8 +103,9 @@ def test_a_lora_stage_is_planned_with_the_adapters_alone_trained():
     # do on the fake tensors the plan builds with; the plan did not run at all with LoRA on.
     cfg, build = _small([])
     lora_cfg, lora_build = _small(["decoder.lora.enabled=true"])
-    full, lora = (predict_memory(b, c.recipe.stages.finetune, "finetune", step_spec(c, c.recipe.stages.finetune),
-                                 Strategy("single", 1)) for c, b in ((cfg, build), (lora_cfg, lora_build)))
+    full, lora = (predict_memory(builder, config.recipe.stages.finetune, "finetune",
+                                 step_spec(config, config.recipe.stages.finetune), Strategy("single", 1))
+                  for config, builder in ((cfg, build), (lora_cfg, lora_build)))
     model = lora_build()
     configure_trainable(model, list(lora_cfg.recipe.stages.finetune.train), "finetune")
     trainable = sum(p.nbytes for p in model.parameters() if p.requires_grad)

@@ -44,8 +44,8 @@ def teach(teacher: Teacher, scenes: Iterable[Scene], seed: int) -> Iterator[tupl
     """``(scene, what the teacher wrote about it)`` for each scene in order, lazily, through
     ``teacher.write_many`` (concurrent for teachers that wait on a server)."""
     scenes_a, scenes_b = itertools.tee(scenes)
-    rngs = ((scene, scene_rng(seed, scene)) for scene in scenes_a)
-    outcomes = teacher.write_many((symbolic_view(scene, rng), rng) for scene, rng in rngs)
+    scenes_with_rngs = ((scene, scene_rng(seed, scene)) for scene in scenes_a)
+    outcomes = teacher.write_many((symbolic_view(scene, rng), rng) for scene, rng in scenes_with_rngs)
     return zip(scenes_b, outcomes)
 
 

@@ -43,12 +43,17 @@ COLD_START_LINES = 16
 SUITE_COMMAND = ["-m", "pytest", "-q", "-n", "2", "--dist", "loadfile"]
 
 
+def cpu_model() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    names = (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    return next(names, platform.processor())
+
+
 def machine() -> dict:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     return {
         "cpus": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
+        "cpu_model": cpu_model(),
         "python": platform.python_version(),
         "torch": version("torch"),
         "transformers": version("transformers"),
@@ -122,8 +127,10 @@ def copy_sample_answers(run_dir: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--skip", nargs="*", default=[], choices=STEPS, help="steps to leave out (their old figures stay)")
-    parser.add_argument("--work", type=Path, default=None, help="keep the runs here (default: a temporary folder, removed)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=STEPS,
+                        help="steps to leave out (their old figures stay)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help="keep the runs here (default: a temporary folder, removed)")
     args = parser.parse_args()
 
     RESULTS.mkdir(exist_ok=True)

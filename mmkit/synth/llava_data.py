@@ -37,9 +37,6 @@ def scene_rng(seed: int, scene: Scene) -> random.Random:
     return text_rng(seed, scene.scene_id)
 
 
-_scene_rng = scene_rng  # the earlier private name
-
-
 def teach(teacher: Teacher, scenes: Iterable[Scene], seed: int) -> Iterator[tuple[Scene, list[Written | Failed]]]:
     """``(scene, what the teacher wrote about it)`` for each scene in order, lazily, through
     ``teacher.write_many`` (concurrent for teachers that wait on a server)."""

@@ -2,13 +2,15 @@
 
     python experiments/lm_lookup.py --steps 3000 --width 128 --layers 4 --data conversations
     python experiments/lm_lookup.py --device cuda --steps 20000 --width 256 --data qa --out curve.jsonl
+    python experiments/lm_lookup.py --data qa --per-caption 6 --curriculum 3000 --loss replies --threads 1
 
 Pretrains an LM like ``mmkit.zoo.llama`` does, with the size, schedule and corpus as options,
 and every ``--eval-every`` steps measures ``val_caption_qa_exact_match`` (answers to val questions
 with the scene given as a caption in the prompt). A VLM built on the LM cannot do better than
 this from image tokens, so it is the first figure to move. Corpora: ``conversations`` (the zoo's
 own: LLaVA conversations with the image replaced by a caption most of the time), ``qa`` (a caption
-and one exact-answer question per conversation, every question type) or ``mix`` (both).
+and ``--per-caption`` exact-answer questions per conversation, every question type) or ``mix``
+(both). ``--curriculum`` grows the scenes from one object to four over its steps.
 """
 from __future__ import annotations
 
@@ -27,19 +29,22 @@ from mmkit.zoo.llama import _caption_qa_accuracy
 from mmkit.zoo.text import conversations_as_text
 
 
-def caption_questions(split: str, count: int, seed: int) -> list[list[dict]]:
-    """One conversation per (scene, question type): a placed caption, the question, its answer."""
+def caption_questions(split: str, count: int, seed: int, per_caption: int = 1) -> list[list[dict]]:
+    """Conversations of a placed caption followed by ``per_caption`` questions (each with its
+    answer) about the scene; with 1, one conversation per (scene, question type). Several
+    questions per caption give the lookup several supervised answers per sequence."""
     rng = random.Random(seed)
     conversations = []
     for scene in generate_scenes(split, count, seed):
         placed = [c for c in captions(scene, rng) if " in the " in c]
-        for kind in QUESTION_KINDS:
-            qa = ask(kind, scene.objects, rng)
-            if qa is not None:
-                conversations.append([
-                    {"from": "human", "value": f"{rng.choice(placed)}\n{qa.question}"},
-                    {"from": "gpt", "value": qa.answer},
-                ])
+        asked = [qa for qa in (ask(kind, scene.objects, rng) for kind in QUESTION_KINDS * per_caption) if qa is not None]
+        rng.shuffle(asked)
+        for start in range(0, len(asked), per_caption):
+            conversation = []
+            for turn, qa in enumerate(asked[start : start + per_caption]):
+                question = f"{rng.choice(placed)}\n{qa.question}" if turn == 0 else qa.question
+                conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
+            conversations.append((len(scene.objects), conversation))
     rng.shuffle(conversations)
     return conversations
 
@@ -64,14 +69,25 @@ def batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[
     return ids, labels, mask
 
 
-def corpus(name: str, scenes: int) -> list[list[dict]]:
+def corpus(name: str, scenes: int, per_caption: int) -> list[tuple[int, list[dict]]]:
+    """(objects in the scene, conversation) pairs; the zoo's conversations count as 0 objects,
+    so a curriculum never holds them back."""
     if name == "conversations":
-        return conversations_as_text("train", scenes, seed=11)
+        return [(0, c) for c in conversations_as_text("train", scenes, seed=11)]
     if name == "qa":
-        return caption_questions("train", scenes, seed=11)
+        return caption_questions("train", scenes, seed=11, per_caption=per_caption)
     if name == "mix":
-        return conversations_as_text("train", scenes, seed=11) + caption_questions("train", scenes, seed=12)
+        return [(0, c) for c in conversations_as_text("train", scenes, seed=11)] + caption_questions(
+            "train", scenes, seed=12, per_caption=per_caption)
     raise SystemExit(f"--data {name!r}: choose conversations, qa or mix")
+
+
+def curriculum_pools(train: list[tuple[int, tuple]], steps: int) -> list[list[tuple]]:
+    """The pools sampled from as training goes: pool k holds scenes of at most k + 1 objects, each
+    pool in turn for an equal share of ``steps``; with ``steps`` 0, one pool of everything."""
+    if steps == 0:
+        return [[pair for _, pair in train]]
+    return [[pair for objects, pair in train if objects <= most] for most in range(1, 5)]
 
 
 def main() -> None:
@@ -85,6 +101,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--per-caption", type=int, default=1, help="questions asked after each caption (qa data)")
+    parser.add_argument("--curriculum", type=int, default=0,
+                        help="steps over which the scenes grow from 1 object to 4 (0: all sizes from the start)")
+    parser.add_argument("--weight-decay", type=float, default=0.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--loss", default="all", choices=("all", "replies"), help="train on every token or the replies only")
@@ -95,8 +116,12 @@ def main() -> None:
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
-    train = encode(tokenizer, corpus(args.data, args.scenes), replies_only=args.loss == "replies")
+    conversations = corpus(args.data, args.scenes, args.per_caption)
+    encoded = encode(tokenizer, [c for _, c in conversations], replies_only=args.loss == "replies")
+    pools = curriculum_pools([(objects, pair) for (objects, _), pair in zip(conversations, encoded)], args.curriculum)
     torch.manual_seed(args.seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=args.width, intermediate_size=int(2.75 * args.width),
@@ -105,13 +130,14 @@ def main() -> None:
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config).to(args.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, args.warmup, args.steps))
     rng = random.Random(args.seed)
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         model.train()
-        ids, labels, mask = (t.to(args.device) for t in batch(rng.sample(train, args.batch), tokenizer.pad_token_id))
+        pool = pools[min(len(pools) - 1, (step - 1) * len(pools) // max(args.curriculum, 1))]
+        ids, labels, mask = (t.to(args.device) for t in batch(rng.sample(pool, args.batch), tokenizer.pad_token_id))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         optimizer.zero_grad()
         loss.backward()

@@ -1,7 +1,9 @@
 """The zoo: real pretraining code (at the test scale), cached HF folders, measured quality."""
 from __future__ import annotations
 
+import json
 import random
+import shutil
 
 import pytest
 import torch
@@ -90,3 +92,106 @@ def test_a_build_says_what_it_builds_why_where_and_how_long_once(tmp_path, monke
                             f"2 CPU cores); built once, cached in {folder}")
     ensure_model("tiny-clip-random")  # cached: nothing to say
     assert "zoo:" not in capsys.readouterr().err
+
+
+@pytest.fixture
+def package_shipping(tmp_path, monkeypatch):
+    """A package whose shipped models live under tmp_path, loaded at full scale."""
+    from mmkit.zoo import shipping as shipped_module
+
+    monkeypatch.setattr(shipped_module, "SHIPPED_ROOT", tmp_path / "shipped")
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MMKIT_ZOO_SCALE", "1")
+    shipped_module.verify.cache_clear()
+    yield shipped_module
+    shipped_module.verify.cache_clear()
+
+
+def _ship_random_tower(shipped_module):
+    from mmkit.zoo import BUILDERS, ensure_built
+
+    return shipped_module.ship(ensure_built("tiny-clip-random"), "tiny-clip-random", BUILDERS["tiny-clip-random"].version)
+
+
+def test_a_shipped_model_is_loaded_as_it_is_and_nothing_is_built(package_shipping, capsys):
+    from mmkit.zoo import BUILDERS, present
+
+    folder = _ship_random_tower(package_shipping)
+    assert json.loads((folder / "sha256.json").read_text()).keys() == {
+        "config.json", "model.safetensors", "preprocessor_config.json", "quality.json"}
+    # The cached build the shipped copy came from goes; loading must not fall back to it.
+    shutil.rmtree(model_folder("tiny-clip-random"))
+    capsys.readouterr()
+    assert ensure_model("tiny-clip-random") == folder == present("tiny-clip-random")
+    assert "zoo: building" not in capsys.readouterr().err
+    assert quality("tiny-clip-random") == {"pretraining": "none (random init)"}
+    assert folder.name == f"tiny-clip-random-v{BUILDERS['tiny-clip-random'].version}"
+    assert isinstance(CLIPVisionModel.from_pretrained(ensure_model("tiny-clip-random")), CLIPVisionModel)
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda folder: (folder / "model.safetensors").write_bytes(b"\0" + (folder / "model.safetensors").read_bytes()[1:]),
+     "model.safetensors does not match its sha256"),
+    (lambda folder: (folder / "config.json").unlink(), "config.json is missing"),
+    (lambda folder: (folder / "extra.bin").write_bytes(b"x"), "extra.bin is not in the manifest"),
+])
+def test_a_damaged_shipped_model_is_refused_naming_the_file(package_shipping, damage, problem):
+    from mmkit.zoo.shipping import ShippedModelError
+
+    damage(_ship_random_tower(package_shipping))
+    with pytest.raises(ShippedModelError, match=f"tiny-clip-random-v2: {problem}; reinstall mmkit, or rebuild it "
+                                                 "with `python -m mmkit.zoo build --from-scratch tiny-clip-random`"):
+        ensure_model("tiny-clip-random")
+
+
+def test_small_scale_runs_never_load_the_shipped_full_scale_model(package_shipping, monkeypatch):
+    _ship_random_tower(package_shipping)
+    monkeypatch.setenv("MMKIT_ZOO_SCALE", "0.02")
+    assert ensure_model("tiny-clip-random") == model_folder("tiny-clip-random")
+
+
+def test_zoo_build_check_compares_the_rebuilt_quality_report_with_the_shipped_one(package_shipping, capsys):
+    from mmkit.zoo.__main__ import main
+
+    assert main(["build", "--check", "tiny-clip-random"]) == 1
+    assert "the package ships no tiny-clip-random-v2 to compare with" in capsys.readouterr().out
+    folder = _ship_random_tower(package_shipping)
+    assert main(["build", "--check", "tiny-clip-random"]) == 0
+    assert "tiny-clip-random: check passed" in capsys.readouterr().out
+    (folder / "quality.json").write_text(json.dumps({"pretraining": "contrastive"}))
+    assert main(["build", "--check", "tiny-clip-random"]) == 1
+    out = capsys.readouterr().out
+    assert "check FAILED" in out and "pretraining: shipped 'contrastive', rebuilt 'none (random init)'" in out
+
+
+def test_quality_reports_agree_within_tolerance_and_timings_are_not_compared():
+    from mmkit.zoo.shipping import quality_differences
+
+    shipped = {"val_caption_qa_exact_match": {"colour": 96.5, "count": 100.0}, "size": {"parameters": 900},
+               "train_seconds": 3000.0}
+    assert quality_differences(shipped, {"val_caption_qa_exact_match": {"colour": 95.5, "count": 100.0},
+                                         "size": {"parameters": 900}, "train_seconds": 10.0}) == []
+    assert quality_differences(shipped, {"val_caption_qa_exact_match": {"colour": 90.0, "count": 100.0},
+                                         "size": {"parameters": 901}}) == [
+        "size.parameters: shipped 900, rebuilt 901", "val_caption_qa_exact_match.colour: shipped 96.5, rebuilt 90.0"]
+
+
+def test_the_shipped_models_match_their_manifests():
+    from mmkit.zoo.shipping import SHIPPED_ROOT, verify
+
+    folders = sorted(path for path in SHIPPED_ROOT.iterdir() if path.is_dir()) if SHIPPED_ROOT.is_dir() else []
+    for folder in folders:
+        verify(folder)
+
+
+def test_each_image_token_is_taught_its_own_quadrants_attributes():
+    from mmkit.synth.world import COLOURS, SHAPES, SIZES, Scene, SceneObject
+    from mmkit.zoo.clip import quadrant_labels
+
+    scene = Scene("s", (SceneObject("triangle", "blue", "small", (0.6, 0.6, 0.8, 0.8)),
+                        SceneObject("circle", "red", "large", (0.05, 0.05, 0.41, 0.41))), "white")
+    labels = quadrant_labels([scene])
+    assert labels["occupied"].tolist() == [[1, 0, 0, 1]]  # top left, top right, bottom left, bottom right
+    assert labels["shape"].tolist() == [[SHAPES.index("circle"), -100, -100, SHAPES.index("triangle")]]
+    assert labels["colour"].tolist() == [[list(COLOURS).index("red"), -100, -100, list(COLOURS).index("blue")]]
+    assert labels["size"].tolist() == [[SIZES.index("large"), -100, -100, SIZES.index("small")]]

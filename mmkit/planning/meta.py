@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from mmkit.core.errors import ConfigError
 from mmkit.models.hf_configs import read_hf_config
-from mmkit.zoo import model_folder, names
+from mmkit.zoo import names, present
 
 ZOO_SCHEME = "zoo://"
 
@@ -18,7 +18,8 @@ def hf_config(path: str, key: str, gguf_file: str | None = None) -> dict[str, An
         name = path.removeprefix(ZOO_SCHEME)
         if name not in names():
             raise ConfigError(f"{key}={path}: unknown zoo model; available: {', '.join(sorted(names()))}")
-        if not (model_folder(name) / "config.json").is_file():
+        folder = present(name)
+        if folder is None or not (folder / "config.json").is_file():
             raise ConfigError(f"{key}={path}: this zoo model is not built yet, and planning builds nothing; "
                               f"build it first: python -m mmkit.zoo build {name}")
     return read_hf_config(path, key, gguf_file)

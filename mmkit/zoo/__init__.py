@@ -23,6 +23,7 @@ from mmkit.models.hub import register_resolver
 from mmkit.zoo.clip import build_tiny_clip, build_tiny_clip_random
 from mmkit.zoo.llama import build_tiny_llama
 from mmkit.zoo.scale import pretraining_scale
+from mmkit.zoo.shipping import shipped_folder, verify
 from mmkit.zoo.text import build_tokenizer
 
 
@@ -41,7 +42,7 @@ class ZooModel:
 
 BUILDERS: dict[str, ZooModel] = {
     "tiny-tokenizer": ZooModel(3, build_tokenizer, "the BPE tokenizer of the zoo's language models", 0.2),
-    "tiny-clip": ZooModel(4, build_tiny_clip, "the embedded default's vision tower, a CLIP ViT pretrained "
+    "tiny-clip": ZooModel(5, build_tiny_clip, "the embedded default's vision tower, a CLIP ViT pretrained "
                           "contrastively on the synthetic world", 3.0, requires=("tiny-tokenizer",)),
     "tiny-clip-random": ZooModel(2, build_tiny_clip_random, "an untrained CLIP ViT, for ablations", 0.1),
     "tiny-llama": ZooModel(4, build_tiny_llama, "the embedded default's language model, a Llama pretrained on the "
@@ -62,12 +63,33 @@ def model_folder(name: str) -> Path:
     return mmkit_home() / "zoo" / f"{name}-v{version}{suffix}"
 
 
-def ensure_model(name: str) -> Path:
-    """The cached folder of zoo model ``name``, built first if it is not there yet."""
+def _known(name: str) -> ZooModel:
     if name not in BUILDERS:
         raise ConfigError(f"zoo://{name}: unknown zoo model; available: {', '.join(names())}")
-    model = BUILDERS[name]
-    required = [ensure_model(other) for other in model.requires]
+    return BUILDERS[name]
+
+
+def shipped(name: str) -> Path | None:
+    """The package's pretrained copy of ``name``, hash-checked, or None when it ships none (or
+    when ``$MMKIT_ZOO_SCALE`` asks for small builds, which never mix with full-scale ones)."""
+    folder = shipped_folder(name, _known(name).version)
+    if folder is None or pretraining_scale() != 1:
+        return None
+    verify(folder)
+    return folder
+
+
+def ensure_model(name: str) -> Path:
+    """The folder of zoo model ``name``: the shipped one, else the cached build, built first if
+    it is not there yet."""
+    return shipped(name) or ensure_built(name)
+
+
+def ensure_built(name: str) -> Path:
+    """The cached build of ``name`` from its recipe (never the shipped copy), built first if it is
+    not there yet; the models it requires are built from their recipes too."""
+    model = _known(name)
+    required = [ensure_built(other) for other in model.requires]
 
     def build(out: Path) -> None:
         # Builders seed torch for their own reproducibility; the caller's random state must not
@@ -82,9 +104,17 @@ def ensure_model(name: str) -> Path:
                       announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores)")
 
 
+def present(name: str) -> Path | None:
+    """The folder ``ensure_model`` would give without building anything, or None."""
+    folder = shipped(name) or model_folder(name)
+    return folder if folder.is_dir() else None
+
+
 def quality(name: str) -> dict[str, Any] | None:
-    path = model_folder(name) / "quality.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The quality report of the model ``ensure_model`` gives, if it is shipped or built."""
+    folder = present(name)
+    path = folder / "quality.json" if folder else None
+    return json.loads(path.read_text()) if path and path.is_file() else None
 
 
 register_resolver("zoo", ensure_model)

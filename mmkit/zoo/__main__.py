@@ -1,4 +1,4 @@
-"""python -m mmkit.zoo list | build [NAMES...]"""
+"""python -m mmkit.zoo list | build [--from-scratch] [--check] [NAMES...] | ship NAMES..."""
 from __future__ import annotations
 
 import argparse
@@ -6,25 +6,60 @@ import json
 import sys
 
 from mmkit.core.errors import MmkitError
-from mmkit.zoo import ensure_model, model_folder, names, quality
+from mmkit.zoo import BUILDERS, ensure_built, ensure_model, names, present, quality, shipped
+from mmkit.zoo.shipping import quality_differences, ship, shipped_folder
+
+
+def _check(name: str) -> bool:
+    """Compare the rebuilt ``name``'s quality report with the shipped one; say how it went."""
+    shipped_copy = shipped_folder(name, BUILDERS[name].version)
+    if shipped_copy is None:
+        print(f"{name}: check FAILED: the package ships no {name}-v{BUILDERS[name].version} to compare with")
+        return False
+    rebuilt_report = json.loads((ensure_built(name) / "quality.json").read_text())
+    differences = quality_differences(json.loads((shipped_copy / "quality.json").read_text()), rebuilt_report)
+    if differences:
+        print(f"{name}: check FAILED, the rebuilt quality report differs from the shipped one:")
+        for difference in differences:
+            print(f"  {difference}")
+        return False
+    print(f"{name}: check passed, the rebuilt quality report matches the shipped one")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmkit.zoo", description="mmkit's small pretrained models")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="show each model, whether it is cached, and its measured quality")
-    build = sub.add_parser("build", help="build (if missing) and cache models")
+    sub.add_parser("list", help="show each model, where it comes from (shipped or cached), and its measured quality")
+    build = sub.add_parser("build", help="make models available: shipped ones as they are, others built and cached")
     build.add_argument("names", nargs="*", default=None)
+    build.add_argument("--from-scratch", action="store_true",
+                       help="build from the recipe even where the package ships the model")
+    build.add_argument("--check", action="store_true",
+                       help="build from scratch and compare each quality report with the shipped one (exit 1 if any differs)")
+    ship_parser = sub.add_parser("ship", help="(maintainers) build from scratch and copy into the package, with sha256")
+    ship_parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     try:
+        unknown = [name for name in getattr(args, "names", None) or [] if name not in BUILDERS]
+        if unknown:
+            print(f"error: unknown zoo model {', '.join(unknown)}; available: {', '.join(names())}", file=sys.stderr)
+            return 2
         if args.command == "build":
-            for name in args.names or names():
-                print(f"{name}: {ensure_model(name)}")
+            chosen = args.names or names()
+            if args.check:
+                return 0 if all([_check(name) for name in chosen]) else 1
+            for name in chosen:
+                print(f"{name}: {ensure_built(name) if args.from_scratch else ensure_model(name)}")
+        if args.command == "ship":
+            for name in args.names:
+                print(f"{name}: shipped in {ship(ensure_built(name), name, BUILDERS[name].version)}")
+            return 0
         for name in names():
-            folder = model_folder(name)
+            folder = present(name)
+            state = "not built" if folder is None else "shipped" if folder == shipped(name) else "cached"
             report = quality(name)
-            state = "cached" if folder.is_dir() else "not built"
-            print(f"{name:<18} {state:<10} {folder}  {json.dumps(report) if report else ''}")
+            print(f"{name:<18} {state:<10} {folder or ''}  {json.dumps(report) if report else ''}")
     except MmkitError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

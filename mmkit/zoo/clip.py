@@ -5,6 +5,12 @@ training on such captions learns a bag of attributes (which colours, which shape
 which colour goes with which shape, a known CLIP weakness; so every batch also carries one
 *hard negative* caption per image, of the same scene with two objects' colours or places swapped,
 or one attribute changed, which only an encoder that binds attributes to objects can reject.
+
+Contrastive training alone still left the attributes hard to read from single image tokens
+(linear probes: shape 45.5%, an object's own quadrant 43.2%), so the tower also learns to state,
+from each image token of its last two layers (the ones LLaVA reads features from), what the
+captions say of that quadrant: whether an object is there, and its shape, colour and size. It is
+dense, region-level caption supervision, as region-text pretraining gives detection towers.
 """
 from __future__ import annotations
 
@@ -18,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmkit.synth.world import COLOURS, SHAPES, Scene, SceneObject, captions, describe, generate_scenes, render
+from mmkit.synth.world import (
+    COLOURS, QUADRANTS, SHAPES, SIZES, Scene, SceneObject, captions, describe, generate_scenes, quadrant, render,
+)
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
 
@@ -28,6 +36,10 @@ IMAGE_SIZE, PATCH_SIZE, WIDTH, LAYERS = 64, 32, 128, 4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 STEPS, BATCH, LR, WARMUP = 450, 128, 1e-3, 50
+# What each image token is taught to state about its quadrant, with the number of values.
+ATTRIBUTES = {"occupied": 2, "shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
+READ_OUT_LAYERS = (-2, -1)
+READ_OUT_WEIGHT = 1.0
 
 
 def _vision_config():
@@ -102,6 +114,50 @@ def hard_negative(scene: Scene, rng: random.Random) -> Scene:
     return dataclasses.replace(scene, objects=tuple(objects))
 
 
+def quadrant_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
+    """[scenes, 4] labels per attribute for the image tokens (row-major: TL, TR, BL, BR); the
+    attributes of an empty quadrant are -100, which the loss ignores."""
+    labels = {name: torch.full((len(scenes), len(QUADRANTS)), -100) for name in ATTRIBUTES}
+    for row, scene in enumerate(scenes):
+        by_quadrant = {quadrant(o.box): o for o in scene.objects}
+        for column, name in enumerate(QUADRANTS):
+            obj = by_quadrant.get(name)
+            labels["occupied"][row, column] = int(obj is not None)
+            if obj is not None:
+                labels["shape"][row, column] = SHAPES.index(obj.shape)
+                labels["colour"][row, column] = list(COLOURS).index(obj.colour)
+                labels["size"][row, column] = SIZES.index(obj.size)
+    return labels
+
+
+class AttributeReadOut(torch.nn.Module):
+    """One linear head per (read-out layer, attribute) on the image tokens, without CLS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({
+            f"{layer}_{name}": torch.nn.Linear(WIDTH, values) for layer in READ_OUT_LAYERS for name, values in ATTRIBUTES.items()
+        })
+
+    def logits(self, hidden_states: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        return {key: head(hidden_states[int(key.split("_")[0])][:, 1:]) for key, head in self.heads.items()}
+
+    def loss(self, hidden_states: tuple[torch.Tensor, ...], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+        losses = [F.cross_entropy(logits.flatten(0, 1), labels[key.split("_", 1)[1]].flatten())
+                  for key, logits in self.logits(hidden_states).items()]
+        return torch.stack(losses).mean()
+
+    def accuracy(self, hidden_states: tuple[torch.Tensor, ...], labels: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Val accuracy per attribute at layer -2, the default feature layer; -100 labels skipped."""
+        accuracies = {}
+        for key, logits in self.logits(hidden_states).items():
+            layer, name = key.split("_", 1)
+            if int(layer) == -2:
+                kept = labels[name] != -100
+                accuracies[name] = round(100 * float((logits.argmax(-1)[kept] == labels[name][kept]).float().mean()), 1)
+        return accuracies
+
+
 def _pixels(scenes: list[Scene]) -> torch.Tensor:
     array = np.stack([np.asarray(render(s, IMAGE_SIZE), dtype=np.float32) / 255.0 for s in scenes])
     pixels = torch.from_numpy(array).permute(0, 3, 1, 2)
@@ -137,7 +193,8 @@ def build_tiny_clip(out: Path, tokenizer_folder: Path) -> None:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     model = CLIPModel(CLIPConfig(text_config=text_config.to_dict(), vision_config=_vision_config().to_dict(), projection_dim=WIDTH))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+    read_out = AttributeReadOut()
+    optimizer = torch.optim.AdamW([*model.parameters(), *read_out.parameters()], lr=LR, weight_decay=0.1)
     steps = scaled(STEPS)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(WARMUP, steps), steps))
     scenes = generate_scenes("train", max(BATCH, steps * BATCH // 4), seed=7)  # each scene seen about 4 times
@@ -147,17 +204,22 @@ def build_tiny_clip(out: Path, tokenizer_folder: Path) -> None:
     for _ in tqdm(range(steps), desc="zoo: tiny-clip contrastive pretraining", unit="step"):
         batch = rng.sample(scenes, BATCH)
         texts = [rng.choice(captions(s, rng)) for s in batch] + [captions(hard_negative(s, rng), rng)[0] for s in batch]
-        image = F.normalize(_projected(model.get_image_features(pixel_values=_pixels(batch))), dim=-1)
+        vision = model.vision_model(pixel_values=_pixels(batch), output_hidden_states=True)
+        image = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)
         text = F.normalize(_projected(model.get_text_features(**_tokens(tokenizer, texts))), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * image @ text.T  # [B, 2B]: positives, then hard negatives
         targets = torch.arange(BATCH)
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :BATCH].T, targets)) / 2
+        contrastive = (F.cross_entropy(logits, targets) + F.cross_entropy(logits[:, :BATCH].T, targets)) / 2
+        loss = contrastive + READ_OUT_WEIGHT * read_out.loss(vision.hidden_states, quadrant_labels(batch))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         schedule.step()
     model.eval()
     val = generate_scenes("val", 256, seed=7)
+    with torch.no_grad():
+        val_hidden = model.vision_model(pixel_values=_pixels(val), output_hidden_states=True).hidden_states
+        read_out_accuracy = read_out.accuracy(val_hidden, quadrant_labels(val))
     vision = CLIPVisionModel(_vision_config())
     # transformers 5's CLIPVisionModel is the bare tower; 4.x wraps it in .vision_model.
     tower = getattr(vision, "vision_model", vision)
@@ -165,8 +227,10 @@ def build_tiny_clip(out: Path, tokenizer_folder: Path) -> None:
     vision.save_pretrained(out)
     _save_processor(out)
     write_quality(out, {
-        "pretraining": f"contrastive, {steps} steps x {BATCH} pairs + {BATCH} hard negatives",
-        "final_loss": round(float(loss.detach()), 4),
+        "pretraining": f"contrastive, {steps} steps x {BATCH} pairs + {BATCH} hard negatives, and per-token "
+                       f"attribute read-out at layers {list(READ_OUT_LAYERS)}",
+        "final_loss": round(float(contrastive.detach()), 4),
+        "val_read_out_accuracy_layer_-2": read_out_accuracy,
         "val_retrieval_top1_of_256": round(_retrieval_accuracy(model, tokenizer, val, random.Random(1)), 4),
         "train_seconds": round(time.perf_counter() - started, 1),
     })

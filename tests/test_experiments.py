@@ -36,21 +36,28 @@ def test_oracle_tower_reads_every_object_and_empty_quadrant_exactly():
             assert token[: oracle.EMPTY].nonzero().flatten().tolist() == expected
 
 
-def test_lm_lookup_questions_are_answerable_from_their_caption_and_train_on_replies_only():
-    lookup = _load("lm_lookup")
-    conversations = lookup.caption_questions("val", 30, seed=5)
-    assert len(conversations) >= 30 * 4
-    for human, reply in conversations:
-        caption, question = human["value"].split("\n")
-        assert " in the " in caption and question.endswith("?")
-        if question.startswith(("What colour", "What is the colour")):
-            assert reply["value"].rstrip(".").lower() in caption
-
+def test_lookup_questions_are_answerable_from_their_caption_and_train_on_replies_only():
     from transformers import AutoTokenizer
 
     from mmkit.zoo import ensure_model
+    from mmkit.zoo.llama import LlamaRecipe, training_pools
+    from mmkit.zoo.text import caption_questions
+
+    sized = caption_questions("val", 30, seed=5, per_caption=3)
+    assert len(sized) >= 30 * 4 // 3
+    for objects, conversation in sized:
+        caption = conversation[0]["value"].split("\n")[0]
+        places = caption.lower().count("the top ") + caption.lower().count("the bottom ")
+        assert " in the " in caption.lower() and 1 <= objects <= 4 and places == objects
+        for human, reply in zip(conversation[::2], conversation[1::2]):
+            question = human["value"].split("\n")[-1]
+            assert question.endswith("?")
+            if question.startswith(("What colour", "What is the colour")):
+                assert reply["value"].rstrip(".").lower() in caption
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
-    (ids, labels), = lookup.encode(tokenizer, conversations[:1], replies_only=True)
+    pools = training_pools(LlamaRecipe(data="qa", scenes=400, per_caption=3, curriculum=100), tokenizer, split="val")
+    assert len(pools) == 4 and len(pools[0]) < len(pools[1]) < len(pools[2]) < len(pools[3])
+    ids, labels = pools[0][0]
     trained = tokenizer.decode(labels[labels != -100])
-    assert trained.strip().startswith(conversations[0][1]["value"]) and len(trained) < len(tokenizer.decode(ids)) / 4
+    assert len(trained) < len(tokenizer.decode(ids)) / 4 and trained.count("</s>") == 3  # three replies, each ended

@@ -191,7 +191,8 @@ def test_each_image_token_is_taught_its_own_quadrants_attributes():
     scene = Scene("s", (SceneObject("triangle", "blue", "small", (0.6, 0.6, 0.8, 0.8)),
                         SceneObject("circle", "red", "large", (0.05, 0.05, 0.41, 0.41))), "white")
     labels = quadrant_labels([scene])
-    assert labels["occupied"].tolist() == [[1, 0, 0, 1]]  # top left, top right, bottom left, bottom right
+    assert labels["quadrant"].tolist() == [[0, 1, 2, 3]]  # top left, top right, bottom left, bottom right
+    assert labels["occupied"].tolist() == [[1, 0, 0, 1]]
     assert labels["shape"].tolist() == [[SHAPES.index("circle"), -100, -100, SHAPES.index("triangle")]]
     assert labels["colour"].tolist() == [[list(COLOURS).index("red"), -100, -100, list(COLOURS).index("blue")]]
     assert labels["size"].tolist() == [[SIZES.index("large"), -100, -100, SIZES.index("small")]]

@@ -10,10 +10,11 @@ world's image-caption pairs, the LM on the world's text. Each folder holds ``qua
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

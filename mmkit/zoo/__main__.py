@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "build":
             chosen = args.names or names()
             if args.check:
-                return 0 if all([_check(name) for name in chosen]) else 1
+                passed = [_check(name) for name in chosen]  # every model is checked, even after a failure
+                return 0 if all(passed) else 1
             for name in chosen:
                 print(f"{name}: {ensure_built(name) if args.from_scratch else ensure_model(name)}")
         if args.command == "ship":

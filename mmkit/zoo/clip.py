@@ -9,7 +9,8 @@ or one attribute changed, which only an encoder that binds attributes to objects
 Contrastive training alone still left the attributes hard to read from single image tokens
 (linear probes: shape 45.5%, an object's own quadrant 43.2%), so the tower also learns to state,
 from each image token of its last two layers (the ones LLaVA reads features from), what the
-captions say of that quadrant: whether an object is there, and its shape, colour and size. It is
+captions say of that quadrant: which quadrant it is, whether an object is there, and its shape,
+colour and size. It is
 dense, region-level caption supervision, as region-text pretraining gives detection towers.
 """
 from __future__ import annotations
@@ -25,7 +26,17 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmkit.synth.world import (
-    COLOURS, QUADRANTS, SHAPES, SIZES, Scene, SceneObject, captions, describe, generate_scenes, quadrant, render,
+    COLOURS,
+    QUADRANTS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    captions,
+    describe,
+    generate_scenes,
+    quadrant,
+    render,
 )
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
@@ -35,9 +46,9 @@ from mmkit.zoo.scale import scaled, write_quality
 IMAGE_SIZE, PATCH_SIZE, WIDTH, LAYERS = 64, 32, 128, 4
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-STEPS, BATCH, LR, WARMUP = 450, 128, 1e-3, 50
+STEPS, BATCH, LR, WARMUP = 1500, 128, 1e-3, 50
 # What each image token is taught to state about its quadrant, with the number of values.
-ATTRIBUTES = {"occupied": 2, "shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
+ATTRIBUTES = {"quadrant": len(QUADRANTS), "occupied": 2, "shape": len(SHAPES), "colour": len(COLOURS), "size": len(SIZES)}
 READ_OUT_LAYERS = (-2, -1)
 READ_OUT_WEIGHT = 1.0
 
@@ -122,6 +133,7 @@ def quadrant_labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
         by_quadrant = {quadrant(o.box): o for o in scene.objects}
         for column, name in enumerate(QUADRANTS):
             obj = by_quadrant.get(name)
+            labels["quadrant"][row, column] = column
             labels["occupied"][row, column] = int(obj is not None)
             if obj is not None:
                 labels["shape"][row, column] = SHAPES.index(obj.shape)

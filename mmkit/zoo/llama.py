@@ -2,14 +2,19 @@
 in the chat format), the way Vicuna knows language and chat before LLaVA's stages begin."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from mmkit.core.errors import ConfigError
 from mmkit.data.templates.vicuna_v1 import VicunaV1Template
 from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.evaluation.synthetic import ask_about, normalise
@@ -17,41 +22,125 @@ from mmkit.models.parameters import parameter_count
 from mmkit.synth.world import captions, generate_scenes
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import scaled, write_quality
-from mmkit.zoo.text import conversations_as_text
-
-# (width, layers, heads): the default, and a larger one (about twice the parameters, as 13B is to
-# 7B) for the model-size ablation.
-SIZES = {"tiny-llama": (128, 4, 4), "tiny-llama-large": (160, 6, 5)}
-STEPS, BATCH, LR, WARMUP = 600, 32, 2e-3, 50
+from mmkit.zoo.text import caption_questions, conversations_as_text
 
 
-def _encode_all(tokenizer, conversations: list[list[dict]]) -> list[torch.Tensor]:
+@dataclass(frozen=True)
+class LlamaRecipe:
+    """How a zoo Llama is pretrained. ``data``: ``conversations`` (the world's chat text, every
+    token learned), ``qa`` (a placed caption then ``per_caption`` exact-answer questions, the
+    replies learned) or ``mix`` (both). ``curriculum``: steps over which the QA scenes grow from
+    one object to four, so the lookup is learned where it is easy first."""
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    steps: int = 600
+    batch: int = 32
+    lr: float = 2e-3
+    warmup: int = 50
+    weight_decay: float = 0.0
+    data: str = "conversations"
+    scenes: int = 4000
+    per_caption: int = 1
+    curriculum: int = 0
+
+
+# The default, and a larger one (about twice the parameters, as 13B is to 7B) for the model-size
+# ablation.
+RECIPES = {"tiny-llama": LlamaRecipe(), "tiny-llama-large": LlamaRecipe(width=160, layers=6, heads=5)}
+
+
+def _encode_all(tokenizer, conversations: list[list[dict]], replies_only: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
     template = VicunaV1Template()
-    return [torch.tensor(template.encode(c, tokenizer, num_image_tokens=0).input_ids) for c in conversations]
+    encoded = [template.encode(c, tokenizer, num_image_tokens=0) for c in conversations]
+    return [(torch.tensor(e.input_ids), torch.tensor(e.labels if replies_only else e.input_ids)) for e in encoded]
 
 
-def _batch(sequences: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id)
-    labels = torch.full((len(sequences), length), -100)
-    for row, sequence in enumerate(sequences):
+def _batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, labels (-100 where not learned) and attention mask."""
+    length = max(len(ids) for ids, _ in pairs)
+    ids = torch.full((len(pairs), length), pad_id)
+    labels = torch.full((len(pairs), length), -100)
+    mask = torch.zeros((len(pairs), length), dtype=torch.long)
+    for row, (sequence, sequence_labels) in enumerate(pairs):
         ids[row, : len(sequence)] = sequence
-        labels[row, : len(sequence)] = sequence
-    return ids, labels
+        labels[row, : len(sequence)] = sequence_labels
+        mask[row, : len(sequence)] = 1
+    return ids, labels, mask
 
 
-def _perplexity(model, sequences: list[torch.Tensor], pad_id: int) -> float:
+def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The encoded (ids, labels) pools sampled from as training goes: one pool without a
+    curriculum, else pool k (k = 0..3) holds the QA scenes of at most k + 1 objects (and all the
+    chat text), each pool in turn for an equal share of ``recipe.curriculum`` steps."""
+    scenes = scaled(recipe.scenes)
+    sized: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
+    if recipe.data in ("conversations", "mix"):
+        chat = conversations_as_text(split, scenes, seed=11)
+        sized += [(0, pair) for pair in _encode_all(tokenizer, chat, replies_only=False)]
+    if recipe.data in ("qa", "mix"):
+        qa = caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
+        sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=True))
+    if not sized:
+        raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose conversations, qa or mix")
+    if recipe.curriculum == 0:
+        return [[pair for _, pair in sized]]
+    return [[pair for objects, pair in sized if objects <= most] for most in range(1, 5)]
+
+
+def fresh_llama(recipe: LlamaRecipe, tokenizer, seed: int = 0):
+    """The untrained Llama of ``recipe``'s size, initialised from ``seed``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=recipe.width, intermediate_size=int(2.75 * recipe.width),
+        num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
+        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+
+
+def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None = None,
+             every: int = 0, on_every: Callable[[int, float, Any], None] | None = None):
+    """A Llama pretrained by ``recipe`` (at the zoo's scale); ``on_every(step, loss, model)`` is
+    called every ``every`` steps and at the end, e.g. to measure the lookup as it forms."""
+    pools = training_pools(recipe, tokenizer)
+    steps, curriculum = scaled(recipe.steps), scaled(recipe.curriculum) if recipe.curriculum else 0
+    model = fresh_llama(recipe, tokenizer, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(recipe.warmup, steps), steps))
+    rng = random.Random(seed)
+    for step in tqdm(range(1, steps + 1), desc=progress, unit="step", disable=progress is None):
+        model.train()
+        pool = pools[min(len(pools) - 1, (step - 1) * len(pools) // max(curriculum, 1))]
+        ids, labels, mask = _batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if on_every is not None and (step == steps or (every and step % every == 0)):
+            model.eval()
+            on_every(step, float(loss.detach()), model)
+    model.eval()
+    return model
+
+
+def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> float:
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(sequences), 64):
-            ids, labels = _batch(sequences[start : start + 64], pad_id)
+            ids, labels, mask = _batch(sequences[start : start + 64], pad_id)
             tokens = int((labels[:, 1:] != -100).sum())
-            total_loss += float(model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss) * tokens
+            total_loss += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * tokens
             total_tokens += tokens
     return math.exp(total_loss / total_tokens)
 
 
-def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
+def caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     """Exact-match accuracy per question type when the LM is given a val scene's caption (with
     every object's place) as text in place of the image: can it look the answer up in its prompt?
     A VLM built on this LM can only do as well once image tokens stand in for the caption."""
@@ -83,43 +172,22 @@ def _caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
 
 
 def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama") -> None:
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
-    train = _encode_all(tokenizer, conversations_as_text("train", scaled(4000), seed=11))
-    val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11))
-    steps = scaled(STEPS)
-    width, layers, heads = SIZES[size]
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=int(2.75 * width), num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config)
-    initial_perplexity = _perplexity(model, val, tokenizer.pad_token_id)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(WARMUP, steps), steps))
-    rng = random.Random(0)
+    recipe = RECIPES[size]
+    val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11), replies_only=False)
     started = time.perf_counter()
-    model.train()
-    for _ in tqdm(range(steps), desc="zoo: tiny-llama pretraining", unit="step"):
-        ids, labels = _batch(rng.sample(train, min(BATCH, len(train))), tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=(labels != -100).long(), labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-    model.eval()
+    model = pretrain(recipe, tokenizer, progress=f"zoo: {size} pretraining")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_quality(out, {
-        "pretraining": f"causal LM, {steps} steps x {BATCH} conversations of the world's text",
-        "size": {"width": width, "layers": layers, "heads": heads,
+        "pretraining": f"causal LM, {scaled(recipe.steps)} steps x {recipe.batch} sequences ({recipe.data}), "
+                       f"{dataclasses.asdict(recipe)}",
+        "size": {"width": recipe.width, "layers": recipe.layers, "heads": recipe.heads,
                  "parameters": parameter_count(model)},
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),
-        "val_perplexity_untrained": round(initial_perplexity, 1),
-        "val_caption_qa_exact_match": _caption_qa_accuracy(model, tokenizer),
+        "val_perplexity_untrained": round(_perplexity(fresh_llama(recipe, tokenizer).eval(), val, tokenizer.pad_token_id), 1),
+        "val_caption_qa_exact_match": caption_qa_accuracy(model, tokenizer),
         "train_seconds": round(time.perf_counter() - started, 1),
     })

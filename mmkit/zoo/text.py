@@ -5,9 +5,10 @@ import random
 from pathlib import Path
 
 from mmkit.data.templates.template import LLAVA_SYSTEM
+from mmkit.datagen.rules import QUESTION_KINDS, ask
 from mmkit.datagen.teacher import build_teacher
 from mmkit.synth.llava_data import scene_rng, write_text_corpus
-from mmkit.synth.world import generate_scenes, symbolic_view
+from mmkit.synth.world import captions, generate_scenes, symbolic_view
 from mmkit.zoo.scale import scaled
 
 # Tokenizer ids: eos must not be id 2, which CLIP's text tower treats as "pool at the largest id".
@@ -64,4 +65,25 @@ def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]
                     for t in written.conversation
                 ])
     random.Random(seed).shuffle(conversations)
+    return conversations
+
+
+def caption_questions(split: str, count: int, seed: int, per_caption: int = 1) -> list[tuple[int, list[dict]]]:
+    """(objects in the scene, conversation) pairs: a placed caption followed by ``per_caption``
+    exact-answer questions about the scene, each with its answer; with 1, one conversation per
+    (scene, question type). Several questions per caption give the lookup several supervised
+    answers per sequence."""
+    rng = random.Random(seed)
+    conversations = []
+    for scene in generate_scenes(split, count, seed):
+        placed = [c for c in captions(scene, rng) if " in the " in c]
+        asked = [qa for qa in (ask(kind, scene.objects, rng) for kind in QUESTION_KINDS * per_caption) if qa is not None]
+        rng.shuffle(asked)
+        for start in range(0, len(asked), per_caption):
+            conversation = []
+            for turn, qa in enumerate(asked[start : start + per_caption]):
+                question = f"{rng.choice(placed)}\n{qa.question}" if turn == 0 else qa.question
+                conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
+            conversations.append((len(scene.objects), conversation))
+    rng.shuffle(conversations)
     return conversations

@@ -9,7 +9,7 @@ from mmkit.datagen.rules import QUESTION_KINDS, ask
 from mmkit.datagen.teacher import build_teacher
 from mmkit.synth.llava_data import scene_rng, write_text_corpus
 from mmkit.synth.world import captions, generate_scenes, symbolic_view
-from mmkit.zoo.scale import scaled
+from mmkit.zoo.scale import scaled, write_quality
 
 # Tokenizer ids: eos must not be id 2, which CLIP's text tower treats as "pool at the largest id".
 SPECIAL_TOKENS = ["<unk>", "<s>", "<pad>", "</s>"]
@@ -36,10 +36,17 @@ def build_tokenizer(out: Path) -> None:
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
     )
-    PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         model_max_length=1024,
-    ).save_pretrained(out)
+    )
+    fast.save_pretrained(out)
+    val_captions = [caption for scene in generate_scenes("val", 200, seed=0) for caption in captions(scene, random.Random(0))]
+    write_quality(out, {
+        "vocab_size": len(fast),
+        "val_tokens_per_caption": round(sum(len(fast(c).input_ids) for c in val_captions) / len(val_captions), 2),
+        "val_words_per_caption": round(sum(len(c.split()) for c in val_captions) / len(val_captions), 2),
+    })
 
 
 def conversations_as_text(split: str, count: int, seed: int) -> list[list[dict]]:

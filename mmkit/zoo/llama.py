@@ -182,8 +182,8 @@ def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama"
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_quality(out, {
-        "pretraining": f"causal LM, {scaled(recipe.steps)} steps x {recipe.batch} sequences ({recipe.data}), "
-                       f"{dataclasses.asdict(recipe)}",
+        "pretraining": f"causal LM, {scaled(recipe.steps)} steps x {recipe.batch} sequences ({recipe.data})",
+        "recipe": dataclasses.asdict(recipe),
         "size": {"width": recipe.width, "layers": recipe.layers, "heads": recipe.heads,
                  "parameters": parameter_count(model)},
         "val_perplexity": round(_perplexity(model, val, tokenizer.pad_token_id), 3),

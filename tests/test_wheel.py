@@ -46,9 +46,9 @@ def site(tmp_path_factory) -> Path:
     return root / "site"
 
 
-def _run(site: Path, cwd: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(site: Path, cwd: Path, *args: str, **env_vars: str) -> subprocess.CompletedProcess:
     # The wheels' folder goes first on the path, so it shadows this checkout's editable install.
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {**os.environ, "PYTHONPATH": str(site), **env_vars}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -69,3 +69,16 @@ def test_a_wheel_install_composes_trains_and_takes_a_plugins_config_option(site,
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (run_dir / "pretrain" / "trainable.safetensors").is_file() and (run_dir / "summary.json").is_file()
     assert "name: perceiver_resampler" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_zoo_models_and_loads_them_after_their_hash_check(site, tmp_path):
+    shipped = sorted(path.name for path in (REPO / "mmkit" / "zoo" / "shipped").iterdir() if path.is_dir())
+    assert shipped, "the package ships no zoo model"
+    # At full scale, as a user runs: the suite's small-scale builds never use shipped models.
+    listing = _run(site, tmp_path, "-m", "mmkit.zoo", "list", MMKIT_ZOO_SCALE="1", MMKIT_HOME=str(tmp_path / "home"))
+    assert listing.returncode == 0, listing.stderr[-2000:]
+    for folder in shipped:
+        name = folder.rsplit("-v", 1)[0]
+        line = next(line for line in listing.stdout.splitlines() if line.startswith(f"{name} "))
+        assert " shipped " in line and str(site / "mmkit" / "zoo" / "shipped" / folder) in line

@@ -156,7 +156,7 @@ def main() -> None:
             lines = [line.split("\r")[-1] for line in (work / "cold.log").read_bytes().decode().split("\n")]
             (RESULTS / "cold_start.txt").write_text("\n".join(lines[:COLD_START_LINES]) + "\n")
         if "warm" not in args.skip:
-            if not (work / "mmkit_home" / "zoo").is_dir():
+            if not (work / "mmkit_home" / "data").is_dir():
                 sys.exit("warm reuses the cache a cold run filled in the same --work folder: run the cold step too")
             run_dir = train("warm")
             results["warm"]["figures"] = synthetic_figures(run_dir)

@@ -67,7 +67,10 @@ def ask(driver: Any, question: str, timeout: float = 120) -> str:
     error = driver.find_element(By.ID, "error")
     if error.is_displayed():
         raise RuntimeError(f"the page shows an error: {error.text}")
-    return driver.find_elements(By.CSS_SELECTOR, ".message.assistant .text")[-1].text
+    # The text the page holds, not WebDriver's rendering of it, which folds whitespace and control
+    # characters (an untrained model's answer can hold a vertical tab) differently from the API's JSON.
+    answer = driver.find_elements(By.CSS_SELECTOR, ".message.assistant .text")[-1]
+    return driver.execute_script("return arguments[0].textContent;", answer).strip()
 
 
 def main(argv: list[str] | None = None) -> int:

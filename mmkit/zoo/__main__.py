@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="build from the recipe even where the package ships the model")
     build.add_argument("--check", action="store_true",
                        help="build from scratch and compare each quality report with the shipped one (exit 1 if any differs)")
-    ship_parser = sub.add_parser("ship", help="(maintainers) build from scratch and copy into the package, with sha256")
+    ship_parser = sub.add_parser("ship", help="(maintainers) copy the build from the recipe (built now if not cached) into the package, with sha256")
     ship_parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     try:

@@ -44,7 +44,7 @@ class ZooModel:
 BUILDERS: dict[str, ZooModel] = {
     "tiny-tokenizer": ZooModel(4, build_tokenizer, "the BPE tokenizer of the zoo's language models", 0.2),
     "tiny-clip": ZooModel(5, build_tiny_clip, "the embedded default's vision tower, a CLIP ViT pretrained "
-                          "contrastively on the synthetic world", 3.0, requires=("tiny-tokenizer",)),
+                          "contrastively on the synthetic world", 12.0, requires=("tiny-tokenizer",)),
     "tiny-clip-random": ZooModel(2, build_tiny_clip_random, "an untrained CLIP ViT, for ablations", 0.1),
     "tiny-llama": ZooModel(4, build_tiny_llama, "the embedded default's language model, a Llama pretrained on the "
                            "synthetic world's text", 3.5, requires=("tiny-tokenizer",)),

@@ -10,8 +10,8 @@ Contrastive training alone still left the attributes hard to read from single im
 (linear probes: shape 45.5%, an object's own quadrant 43.2%), so the tower also learns to state,
 from each image token of its last two layers (the ones LLaVA reads features from), what the
 captions say of that quadrant: which quadrant it is, whether an object is there, and its shape,
-colour and size. It is
-dense, region-level caption supervision, as region-text pretraining gives detection towers.
+colour and size: dense, region-level caption supervision, as region-text pretraining gives
+detection towers.
 """
 from __future__ import annotations
 

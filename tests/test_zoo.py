@@ -68,6 +68,17 @@ def test_unknown_zoo_model_is_a_config_error():
         ensure_model("tiny-gpt")
 
 
+def test_the_zoo_cli_refuses_an_unknown_name_before_building_anything(capsys, monkeypatch, tmp_path):
+    from mmkit.zoo.__main__ import main
+
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
+
+    assert main(["build", "tiny-clip-random", "tiny-gpt"]) == 2
+    error = capsys.readouterr().err
+    assert "error: zoo://tiny-gpt: unknown zoo model; available: tiny-clip" in error
+    assert not model_folder("tiny-clip-random").exists()
+
+
 def test_zoo_cli_lists_models_with_quality():
     ensure_model("tiny-llama")
     result = run_cli(["-m", "mmkit.zoo", "list"], timeout=120)
@@ -140,7 +151,7 @@ def test_a_damaged_shipped_model_is_refused_naming_the_file(package_shipping, da
 
     damage(_ship_random_tower(package_shipping))
     with pytest.raises(ShippedModelError, match=f"tiny-clip-random-v2: {problem}; reinstall mmkit, or rebuild it "
-                                                 "with `python -m mmkit.zoo build --from-scratch tiny-clip-random`"):
+                                                 "into the package with `python -m mmkit.zoo ship tiny-clip-random`"):
         ensure_model("tiny-clip-random")
 
 

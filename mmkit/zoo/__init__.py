@@ -64,7 +64,8 @@ def model_folder(name: str) -> Path:
     return mmkit_home() / "zoo" / f"{name}-v{version}{suffix}"
 
 
-def _known(name: str) -> ZooModel:
+def known(name: str) -> ZooModel:
+    """The zoo model ``name``; a ConfigError naming the choices when there is none."""
     if name not in BUILDERS:
         raise ConfigError(f"zoo://{name}: unknown zoo model; available: {', '.join(names())}")
     return BUILDERS[name]
@@ -73,7 +74,7 @@ def _known(name: str) -> ZooModel:
 def shipped(name: str) -> Path | None:
     """The package's pretrained copy of ``name``, hash-checked, or None when it ships none (or
     when ``$MMKIT_ZOO_SCALE`` asks for small builds, which never mix with full-scale ones)."""
-    folder = shipped_folder(name, _known(name).version)
+    folder = shipped_folder(name, known(name).version)
     if folder is None or pretraining_scale() != 1:
         return None
     verify(folder)
@@ -89,7 +90,7 @@ def ensure_model(name: str) -> Path:
 def ensure_built(name: str) -> Path:
     """The cached build of ``name`` from its recipe (never the shipped copy), built first if it is
     not there yet; the models it requires are built from their recipes too."""
-    model = _known(name)
+    model = known(name)
     required = [ensure_built(other) for other in model.requires]
 
     def build(out: Path) -> None:

@@ -6,7 +6,7 @@ import json
 import sys
 
 from mmkit.core.errors import MmkitError
-from mmkit.zoo import BUILDERS, ensure_built, ensure_model, names, present, quality, shipped
+from mmkit.zoo import BUILDERS, ensure_built, ensure_model, known, names, present, quality, shipped
 from mmkit.zoo.shipping import quality_differences, ship, shipped_folder
 
 
@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     ship_parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     try:
-        unknown = [name for name in getattr(args, "names", None) or [] if name not in BUILDERS]
-        if unknown:
-            print(f"error: unknown zoo model {', '.join(unknown)}; available: {', '.join(names())}", file=sys.stderr)
-            return 2
+        for name in getattr(args, "names", None) or []:
+            known(name)
         if args.command == "build":
             chosen = args.names or names()
             if args.check:

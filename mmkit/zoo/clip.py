@@ -147,24 +147,26 @@ class AttributeReadOut(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.heads = torch.nn.ModuleDict({
-            f"{layer}_{name}": torch.nn.Linear(WIDTH, values) for layer in READ_OUT_LAYERS for name, values in ATTRIBUTES.items()
-        })
+        self.heads = torch.nn.ModuleList([
+            torch.nn.ModuleDict({name: torch.nn.Linear(WIDTH, values) for name, values in ATTRIBUTES.items()})
+            for _ in READ_OUT_LAYERS
+        ])
 
-    def logits(self, hidden_states: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        return {key: head(hidden_states[int(key.split("_")[0])][:, 1:]) for key, head in self.heads.items()}
+    def logits(self, hidden_states: tuple[torch.Tensor, ...]) -> dict[tuple[int, str], torch.Tensor]:
+        """Logits per (layer, attribute): [batch, image tokens, values]."""
+        return {(layer, name): head(hidden_states[layer][:, 1:])
+                for layer, heads in zip(READ_OUT_LAYERS, self.heads) for name, head in heads.items()}
 
     def loss(self, hidden_states: tuple[torch.Tensor, ...], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        losses = [F.cross_entropy(logits.flatten(0, 1), labels[key.split("_", 1)[1]].flatten())
-                  for key, logits in self.logits(hidden_states).items()]
+        losses = [F.cross_entropy(logits.flatten(0, 1), labels[name].flatten())
+                  for (_, name), logits in self.logits(hidden_states).items()]
         return torch.stack(losses).mean()
 
     def accuracy(self, hidden_states: tuple[torch.Tensor, ...], labels: dict[str, torch.Tensor]) -> dict[str, float]:
         """Val accuracy per attribute at layer -2, the default feature layer; -100 labels skipped."""
         accuracies = {}
-        for key, logits in self.logits(hidden_states).items():
-            layer, name = key.split("_", 1)
-            if int(layer) == -2:
+        for (layer, name), logits in self.logits(hidden_states).items():
+            if layer == -2:
                 kept = labels[name] != -100
                 accuracies[name] = round(100 * float((logits.argmax(-1)[kept] == labels[name][kept]).float().mean()), 1)
         return accuracies

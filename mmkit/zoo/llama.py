@@ -30,7 +30,9 @@ class LlamaRecipe:
     """How a zoo Llama is pretrained. ``data``: ``conversations`` (the world's chat text, every
     token learned), ``qa`` (a placed caption then ``per_caption`` exact-answer questions, the
     replies learned) or ``mix`` (both). ``curriculum``: steps over which the QA scenes grow from
-    one object to four, so the lookup is learned where it is easy first."""
+    one object to four, so the lookup is learned where it is easy first. ``loss``: ``replies``
+    (the QA answers only) or ``all`` (every QA token too: predicting a question's words from the
+    caption it names is itself a lookup, many more tokens of it per sequence)."""
 
     width: int = 128
     layers: int = 4
@@ -44,6 +46,7 @@ class LlamaRecipe:
     scenes: int = 4000
     per_caption: int = 1
     curriculum: int = 0
+    loss: str = "replies"
 
 
 # The default, and a larger one (about twice the parameters, as 13B is to 7B) for the model-size
@@ -79,9 +82,11 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     if recipe.data in ("conversations", "mix"):
         chat = conversations_as_text(split, scenes, seed=11)
         sized += [(0, pair) for pair in _encode_all(tokenizer, chat, replies_only=False)]
+    if recipe.loss not in ("replies", "all"):
+        raise ConfigError(f"LlamaRecipe.loss={recipe.loss!r}: choose replies or all")
     if recipe.data in ("qa", "mix"):
         qa = caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
-        sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=True))
+        sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=recipe.loss == "replies"))
     if not sized:
         raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose conversations, qa or mix")
     if recipe.curriculum == 0:

@@ -54,7 +54,7 @@ def verify(folder: Path) -> None:
                        if file_name not in expected else "does not match its sha256")
             raise ShippedModelError(
                 f"shipped zoo model {folder}: {file_name} {problem}; reinstall mmkit, or rebuild it "
-                f"with `python -m mmkit.zoo build --from-scratch {folder.name.rsplit('-v', 1)[0]}`"
+                f"into the package with `python -m mmkit.zoo ship {folder.name.rsplit('-v', 1)[0]}`"
             )
 
 

@@ -2,8 +2,10 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
+from mmkit.core.errors import ConfigError
 from mmkit.data.images import ImageProcessor
 from mmkit.synth.world import COLOURS, QUADRANTS, SHAPES, SIZES, generate_scenes, quadrant, render
 
@@ -36,7 +38,7 @@ def test_oracle_tower_reads_every_object_and_empty_quadrant_exactly():
             assert token[: oracle.EMPTY].nonzero().flatten().tolist() == expected
 
 
-def test_lookup_questions_are_answerable_from_their_caption_and_train_on_replies_only():
+def test_lookup_questions_are_answerable_from_their_caption_and_train_on_replies_or_every_token():
     from transformers import AutoTokenizer
 
     from mmkit.zoo import ensure_model
@@ -61,3 +63,8 @@ def test_lookup_questions_are_answerable_from_their_caption_and_train_on_replies
     ids, labels = pools[0][0]
     trained = tokenizer.decode(labels[labels != -100])
     assert len(trained) < len(tokenizer.decode(ids)) / 4 and trained.count("</s>") == 3  # three replies, each ended
+    every_token = training_pools(LlamaRecipe(data="qa", scenes=400, per_caption=3, curriculum=100, loss="all"),
+                                 tokenizer, split="val")[0][0]
+    assert torch.equal(every_token[0], ids) and torch.equal(every_token[1], ids)
+    with pytest.raises(ConfigError, match="LlamaRecipe.loss='answers': choose replies or all"):
+        training_pools(LlamaRecipe(data="qa", scenes=400, loss="answers"), tokenizer, split="val")

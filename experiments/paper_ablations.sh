@@ -30,5 +30,7 @@ run stage1 "" recipe=llava,no_stage1
 # Predict the answer first (QCM-ALE) vs reasoning first (QCM-LEA), on the synthetic ScienceQA-format set.
 run answer_first "acc acc_NAT acc_SOC acc_LAN acc_TXT acc_IMG acc_NO acc_G1_6 acc_G7_12 lenient_acc" \
   data=scienceqa evaluation=scienceqa data.prompt_format=QCM-LEA,QCM-ALE
+# Connector: LLaVA's linear projection vs LLaVA-1.5's two-layer GELU MLP.
+run connector "" connector=linear,mlp2x_gelu
 # Model size: the zoo's Llama vs one with about twice the parameters (LLaVA: 7B vs 13B).
 run model_size "" decoder=tiny_llama,tiny_llama_large

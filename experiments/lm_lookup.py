@@ -1,7 +1,8 @@
 """Does the zoo's tiny Llama learn to look answers up in its prompt, and after how many steps?
 
     python experiments/lm_lookup.py --steps 3000 --width 128 --layers 4 --data conversations
-    python experiments/lm_lookup.py --data qa --per-caption 6 --curriculum 3000 --threads 1 --out curve.jsonl
+    python experiments/lm_lookup.py --data qa --per-caption 6 --curriculum 3000 --threads 1 --out curve.jsonl \
+        --checkpoint run.pt --save lm/    # a run of hours: killed, the same command goes on from run.pt
 
 Pretrains an LM with ``mmkit.zoo.llama``'s own ``pretrain``, each field of its ``LlamaRecipe`` an
 option (the defaults are the shipped tiny-llama's), and every ``--eval-every`` steps measures ``val_caption_qa_exact_match`` (answers to val questions
@@ -17,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -34,6 +36,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="append one JSON line per evaluation here")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="save progress here every 250 steps and resume from it when it exists")
+    parser.add_argument("--save", type=Path, default=None, help="save the pretrained LM (HF folder) here at the end")
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -54,7 +59,10 @@ def main() -> None:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    pretrain(recipe, tokenizer, seed=args.seed, every=args.eval_every, on_every=measure)
+    model = pretrain(recipe, tokenizer, seed=args.seed, every=args.eval_every, on_every=measure, checkpoint=args.checkpoint)
+    if args.save:
+        model.save_pretrained(args.save)
+        tokenizer.save_pretrained(args.save)
 
 
 if __name__ == "__main__":

@@ -207,3 +207,63 @@ def test_each_image_token_is_taught_its_own_quadrants_attributes():
     assert labels["shape"].tolist() == [[SHAPES.index("circle"), -100, -100, SHAPES.index("triangle")]]
     assert labels["colour"].tolist() == [[list(COLOURS).index("red"), -100, -100, list(COLOURS).index("blue")]]
     assert labels["size"].tolist() == [[SIZES.index("large"), -100, -100, SIZES.index("small")]]
+
+
+def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroken_run(tmp_path, monkeypatch):
+    from mmkit.zoo.llama import LlamaRecipe, pretrain
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    monkeypatch.setenv("MMKIT_ZOO_SCALE", "1")  # the recipe below is already tiny
+    recipe = LlamaRecipe(width=32, layers=1, heads=2, steps=6, batch=4, warmup=2, data="qa", scenes=40, per_caption=2)
+    unbroken = pretrain(recipe, tokenizer, seed=3)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_step_5(step, loss, model):
+        if step == 5:
+            raise Killed
+
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        pretrain(recipe, tokenizer, seed=3, every=1, on_every=kill_after_step_5, checkpoint=checkpoint, checkpoint_every=2)
+    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+    resumed_steps = []
+    resumed = pretrain(recipe, tokenizer, seed=3, every=1, on_every=lambda step, *_: resumed_steps.append(step),
+                       checkpoint=checkpoint, checkpoint_every=2)
+    assert resumed_steps == [5, 6]
+    for (name, expected), actual in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+    with pytest.raises(ConfigError, match="run.pt is of another pretraining run .*; remove it to start afresh"):
+        pretrain(recipe, tokenizer, seed=4, checkpoint=checkpoint)
+
+
+def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(tmp_path, monkeypatch, capsys):
+    from mmkit.zoo import llama
+
+    monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
+    ensure_model("tiny-tokenizer")
+    real_write_quality = llama.write_quality
+
+    def crash(folder, report):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llama, "write_quality", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_model("tiny-llama")
+    checkpoint = model_folder("tiny-llama").with_name(model_folder("tiny-llama").name + ".resume.pt")
+    assert checkpoint.is_file() and not model_folder("tiny-llama").exists()
+
+    # Marked, so that the build can be seen to finish from the checkpoint, not from a new start.
+    state = torch.load(checkpoint, weights_only=False)
+    state["model"]["model.norm.weight"] += 1.0
+    torch.save(state, checkpoint)
+    monkeypatch.setattr(llama, "write_quality", real_write_quality)
+    capsys.readouterr()
+    assert ensure_model("tiny-llama") == model_folder("tiny-llama")
+    assert "(resuming the killed build's progress)" in capsys.readouterr().err
+    assert not checkpoint.exists() and "val_caption_qa_exact_match" in quality("tiny-llama")
+    built = LlamaForCausalLM.from_pretrained(model_folder("tiny-llama")).state_dict()
+    for name, weights in state["model"].items():
+        torch.testing.assert_close(built[name], weights, msg=name)

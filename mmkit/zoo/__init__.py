@@ -32,13 +32,16 @@ from mmkit.zoo.text import build_tokenizer
 class ZooModel:
     """``build(out, *folders of requires)`` writes the model; bump ``version`` when its recipe
     changes, so caches are rebuilt. ``about`` says what it is for; ``minutes`` is its build time
-    on 2 CPU cores at full pretraining scale (the ``train_seconds`` its quality.json records)."""
+    on 2 CPU cores at full pretraining scale (the ``train_seconds`` its quality.json records).
+    ``resumable``: ``build`` takes a ``checkpoint`` file to save its progress to and resume from,
+    so a killed build of hours goes on where it stopped."""
 
     version: int
     build: Callable[..., None]
     about: str
     minutes: float
     requires: tuple[str, ...] = ()
+    resumable: bool = False
 
 
 BUILDERS: dict[str, ZooModel] = {
@@ -47,9 +50,9 @@ BUILDERS: dict[str, ZooModel] = {
                           "contrastively on the synthetic world", 12.0, requires=("tiny-tokenizer",)),
     "tiny-clip-random": ZooModel(2, build_tiny_clip_random, "an untrained CLIP ViT, for ablations", 0.1),
     "tiny-llama": ZooModel(4, build_tiny_llama, "the embedded default's language model, a Llama pretrained on the "
-                           "synthetic world's text", 3.5, requires=("tiny-tokenizer",)),
+                           "synthetic world's text", 3.5, requires=("tiny-tokenizer",), resumable=True),
     "tiny-llama-large": ZooModel(2, partial(build_tiny_llama, size="tiny-llama-large"), "a larger Llama, for the "
-                                 "7B-vs-13B ablation's stand-in", 10.0, requires=("tiny-tokenizer",)),
+                                 "7B-vs-13B ablation's stand-in", 10.0, requires=("tiny-tokenizer",), resumable=True),
 }
 
 
@@ -92,18 +95,23 @@ def ensure_built(name: str) -> Path:
     not there yet; the models it requires are built from their recipes too."""
     model = known(name)
     required = [ensure_built(other) for other in model.requires]
+    folder = model_folder(name)
+    # Beside the cache folder, not in the build's temporary one, which a killed build loses.
+    checkpoint = folder.with_name(f"{folder.name}.resume.pt")
 
     def build(out: Path) -> None:
         # Builders seed torch for their own reproducibility; the caller's random state must not
         # move, so a run seeded before its zoo models were built trains exactly like one that
         # found them cached.
         with torch.random.fork_rng(devices=[]):
-            model.build(out, *required)
+            model.build(out, *required, **({"checkpoint": checkpoint} if model.resumable else {}))
 
     minutes = model.minutes * pretraining_scale()
     took = f"roughly {minutes:.0f} min" if minutes >= 1 else "under a minute"
-    return build_once(model_folder(name), build,
-                      announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores)")
+    resumed = " (resuming the killed build's progress)" if checkpoint.is_file() and not folder.is_dir() else ""
+    built = build_once(folder, build, announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores){resumed}")
+    checkpoint.unlink(missing_ok=True)
+    return built
 
 
 def present(name: str) -> Path | None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from mmkit.core.atomic_io import atomic_path
 from mmkit.core.errors import ConfigError
 from mmkit.data.templates.vicuna_v1 import VicunaV1Template
 from mmkit.datagen.rules import QUESTION_KINDS
@@ -108,16 +109,34 @@ def fresh_llama(recipe: LlamaRecipe, tokenizer, seed: int = 0):
 
 
 def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None = None,
-             every: int = 0, on_every: Callable[[int, float, Any], None] | None = None):
+             every: int = 0, on_every: Callable[[int, float, Any], None] | None = None,
+             checkpoint: Path | None = None, checkpoint_every: int = 250):
     """A Llama pretrained by ``recipe`` (at the zoo's scale); ``on_every(step, loss, model)`` is
-    called every ``every`` steps and at the end, e.g. to measure the lookup as it forms."""
+    called every ``every`` steps and at the end, e.g. to measure the lookup as it forms.
+
+    ``checkpoint``: a file the model, optimizer, schedule and sampler are saved to every
+    ``checkpoint_every`` steps, and resumed from when it exists, so a pretraining run of hours
+    that is killed loses minutes; the resumed run draws the same batches as an unbroken one."""
     pools = training_pools(recipe, tokenizer)
     steps, curriculum = scaled(recipe.steps), scaled(recipe.curriculum) if recipe.curriculum else 0
     model = fresh_llama(recipe, tokenizer, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(recipe.warmup, steps), steps))
     rng = random.Random(seed)
-    for step in tqdm(range(1, steps + 1), desc=progress, unit="step", disable=progress is None):
+    identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "steps": steps}
+    done = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["identity"] != identity:
+            raise ConfigError(f"checkpoint {checkpoint} is of another pretraining run ({state['identity']}, not "
+                              f"{identity}); remove it to start afresh")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        rng.setstate(state["sampler"])
+        done = state["step"]
+    for step in tqdm(range(done + 1, steps + 1), desc=progress, unit="step", disable=progress is None,
+                     initial=done, total=steps):
         model.train()
         pool = pools[min(len(pools) - 1, (step - 1) * len(pools) // max(curriculum, 1))]
         ids, labels, mask = _batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id)
@@ -127,6 +146,11 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+            with atomic_path(checkpoint) as temporary:
+                torch.save({"identity": identity, "step": step, "model": model.state_dict(),
+                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                            "sampler": rng.getstate()}, temporary)
         if on_every is not None and (step == steps or (every and step % every == 0)):
             model.eval()
             on_every(step, float(loss.detach()), model)
@@ -176,14 +200,14 @@ def caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
     return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}
 
 
-def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama") -> None:
+def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama", checkpoint: Path | None = None) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     recipe = RECIPES[size]
     val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11), replies_only=False)
     started = time.perf_counter()
-    model = pretrain(recipe, tokenizer, progress=f"zoo: {size} pretraining")
+    model = pretrain(recipe, tokenizer, progress=f"zoo: {size} pretraining", checkpoint=checkpoint)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     write_quality(out, {

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from mmkit.zoo import ensure_model
-from mmkit.zoo.llama import RECIPES, LlamaRecipe, caption_qa_accuracy, pretrain
+from mmkit.zoo.llama import RECIPES, LlamaRecipe, caption_qa_answers, percent_by, pretrain
 
 
 def main() -> None:
@@ -50,11 +50,15 @@ def main() -> None:
     started = time.perf_counter()
 
     def measure(step: int, loss: float, model) -> None:
-        accuracy = caption_qa_accuracy(model, tokenizer, count=args.eval_scenes)
+        answered = caption_qa_answers(model, tokenizer, count=args.eval_scenes)
+        accuracy = percent_by(answered, lambda question: question.kind)
+        # One object needs no binding (any attribute in the caption is its); from two on, an
+        # answer must come from the object the question names: the lookup this script watches for.
+        by_objects = percent_by(answered, lambda question: len(question.scene.objects))
         record = {"step": step, "loss": round(loss, 4), "seconds": round(time.perf_counter() - started, 1),
                   "caption_qa": accuracy, "overall": round(sum(accuracy.values()) / len(accuracy), 1),
-                  "recipe": dataclasses.asdict(recipe), "seed": args.seed}
-        print(json.dumps({k: record[k] for k in ("step", "loss", "seconds", "overall", "caption_qa")}), flush=True)
+                  "by_objects": dict(sorted(by_objects.items())), "recipe": dataclasses.asdict(recipe), "seed": args.seed}
+        print(json.dumps({k: record[k] for k in ("step", "loss", "seconds", "overall", "caption_qa", "by_objects")}), flush=True)
         if args.out:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")

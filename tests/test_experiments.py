@@ -7,6 +7,7 @@ import torch
 
 from mmkit.core.errors import ConfigError
 from mmkit.data.images import ImageProcessor
+from mmkit.datagen.rules import QUESTION_KINDS
 from mmkit.synth.world import COLOURS, QUADRANTS, SHAPES, SIZES, generate_scenes, quadrant, render
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -68,3 +69,19 @@ def test_lookup_questions_are_answerable_from_their_caption_and_train_on_replies
     assert torch.equal(every_token[0], ids) and torch.equal(every_token[1], ids)
     with pytest.raises(ConfigError, match="LlamaRecipe.loss='answers': choose replies or all"):
         training_pools(LlamaRecipe(data="qa", scenes=400, loss="answers"), tokenizer, split="val")
+
+
+def test_lm_lookup_records_each_evaluation_by_type_and_by_objects(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    curve = tmp_path / "curve.jsonl"
+    subprocess.run([sys.executable, str(EXPERIMENTS / "lm_lookup.py"), "--width", "32", "--layers", "1", "--heads", "2",
+                    "--steps", "100", "--data", "qa", "--scenes", "200", "--eval-every", "1", "--eval-scenes", "8",
+                    "--threads", "1", "--out", str(curve), "--save", str(tmp_path / "lm")], check=True, capture_output=True)
+    records = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # 100 steps at the test session's zoo scale
+    assert set(records[-1]["caption_qa"]) == set(QUESTION_KINDS)
+    assert set(records[-1]["by_objects"]) <= {"1", "2", "3", "4"} and len(records[-1]["by_objects"]) >= 2
+    assert (tmp_path / "lm" / "model.safetensors").is_file() and (tmp_path / "lm" / "tokenizer.json").is_file()

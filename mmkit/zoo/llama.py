@@ -169,10 +169,11 @@ def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_i
     return math.exp(total_loss / total_tokens)
 
 
-def caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
-    """Exact-match accuracy per question type when the LM is given a val scene's caption (with
-    every object's place) as text in place of the image: can it look the answer up in its prompt?
-    A VLM built on this LM can only do as well once image tokens stand in for the caption."""
+def caption_qa_answers(model, tokenizer, count: int = 60) -> list[tuple[Any, bool]]:
+    """(question, answered exactly) for the questions about ``count`` val scenes when the LM is
+    given the scene's caption (with every object's place) as text in place of the image: can it
+    look the answer up in its prompt? A VLM built on this LM can only do as well once image tokens
+    stand in for the caption."""
 
     template = VicunaV1Template()
     rng = random.Random(0)
@@ -193,11 +194,21 @@ def caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
             ids.to(model.device), attention_mask=attention_mask.to(model.device), max_new_tokens=12, do_sample=False,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )
-    hits: dict[str, list[bool]] = {}
-    for question, row in zip(questions, generated.cpu()):
-        answer = tokenizer.decode(row[length:], skip_special_tokens=True)
-        hits.setdefault(question.kind, []).append(normalise(answer) == normalise(question.answer))
-    return {kind: round(100 * sum(found) / len(found), 1) for kind, found in hits.items()}
+    answers = [tokenizer.decode(row[length:], skip_special_tokens=True) for row in generated.cpu()]
+    return [(question, normalise(answer) == normalise(question.answer)) for question, answer in zip(questions, answers)]
+
+
+def percent_by(answered: list[tuple[Any, bool]], key: Callable[[Any], Any]) -> dict[Any, float]:
+    """Exact-match % of ``answered`` per ``key(question)``."""
+    hits: dict[Any, list[bool]] = {}
+    for question, correct in answered:
+        hits.setdefault(key(question), []).append(correct)
+    return {group: round(100 * sum(found) / len(found), 1) for group, found in hits.items()}
+
+
+def caption_qa_accuracy(model, tokenizer, count: int = 60) -> dict[str, float]:
+    """Exact-match % per question type of ``caption_qa_answers``."""
+    return percent_by(caption_qa_answers(model, tokenizer, count), lambda question: question.kind)
 
 
 def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama", checkpoint: Path | None = None) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The paper's ablation table (LLaVA, Tables 7-8) on the synthetic world, as Hydra multirun sweeps
+# The paper's ablation table (LLaVA, Tables 7-8; the connector from LLaVA-1.5) on the synthetic world, as Hydra multirun sweeps
 # of the embedded default, each followed by python -m mmkit.report. Three seeds per setting.
 #   bash experiments/paper_ablations.sh                 # every sweep (about 2-3 min per run on 2 CPU cores)
 #   bash experiments/paper_ablations.sh answer_first    # one sweep

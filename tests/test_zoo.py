@@ -220,23 +220,27 @@ def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroke
     class Killed(Exception):
         pass
 
-    def kill_after_step_5(step, loss, model):
-        if step == 5:
+    def kill_while_measuring_step_4(step, loss, model):
+        if step == 4:
             raise Killed
 
     checkpoint = tmp_path / "run.pt"
     with pytest.raises(Killed):
-        pretrain(recipe, tokenizer, seed=3, every=1, on_every=kill_after_step_5, checkpoint=checkpoint, checkpoint_every=2)
-    assert torch.load(checkpoint, weights_only=False)["step"] == 4
+        pretrain(recipe, tokenizer, seed=3, every=1, on_every=kill_while_measuring_step_4, checkpoint=checkpoint,
+                 checkpoint_every=2)
+    # Step 4's checkpoint comes after its measurement, so the resumed run measures step 4 again.
+    assert torch.load(checkpoint, weights_only=False)["step"] == 2
     resumed_steps = []
     resumed = pretrain(recipe, tokenizer, seed=3, every=1, on_every=lambda step, *_: resumed_steps.append(step),
                        checkpoint=checkpoint, checkpoint_every=2)
-    assert resumed_steps == [5, 6]
+    assert resumed_steps == [3, 4, 5, 6]
     for (name, expected), actual in zip(unbroken.state_dict().items(), resumed.state_dict().values()):
-        torch.testing.assert_close(actual, expected, msg=name)
+        assert torch.equal(actual, expected), name
 
     with pytest.raises(ConfigError, match="run.pt is of another pretraining run .*; remove it to start afresh"):
         pretrain(recipe, tokenizer, seed=4, checkpoint=checkpoint)
+    with pytest.raises(ConfigError, match="checkpoint_every=0: save at least every step"):
+        pretrain(recipe, tokenizer, checkpoint=checkpoint, checkpoint_every=0)
 
 
 def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(tmp_path, monkeypatch, capsys):

@@ -18,11 +18,11 @@ from mmkit.core.atomic_io import atomic_path
 from mmkit.core.errors import ConfigError
 from mmkit.data.templates.vicuna_v1 import VicunaV1Template
 from mmkit.datagen.rules import QUESTION_KINDS
-from mmkit.evaluation.synthetic import ask_about, normalise
+from mmkit.evaluation.synthetic import Question, ask_about, normalise
 from mmkit.models.parameters import parameter_count
 from mmkit.synth.world import captions, generate_scenes
 from mmkit.training.optimizer import warmup_cosine
-from mmkit.zoo.scale import scaled, write_quality
+from mmkit.zoo.scale import pretraining_scale, scaled, write_quality
 from mmkit.zoo.text import caption_questions, conversations_as_text
 
 
@@ -114,16 +114,20 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
     """A Llama pretrained by ``recipe`` (at the zoo's scale); ``on_every(step, loss, model)`` is
     called every ``every`` steps and at the end, e.g. to measure the lookup as it forms.
 
-    ``checkpoint``: a file the model, optimizer, schedule and sampler are saved to every
-    ``checkpoint_every`` steps, and resumed from when it exists, so a pretraining run of hours
-    that is killed loses minutes; the resumed run draws the same batches as an unbroken one."""
+    ``checkpoint``: a file the model, optimizer, schedule and random states are saved to every
+    ``checkpoint_every`` steps (after that step's ``on_every``), and resumed from when it exists,
+    so a pretraining run of hours that is killed loses minutes; the resumed run draws the same
+    batches as an unbroken one and ends with the same weights."""
+    if checkpoint_every < 1:
+        raise ConfigError(f"checkpoint_every={checkpoint_every}: save at least every step (1 or more)")
     pools = training_pools(recipe, tokenizer)
     steps, curriculum = scaled(recipe.steps), scaled(recipe.curriculum) if recipe.curriculum else 0
     model = fresh_llama(recipe, tokenizer, seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(recipe.warmup, steps), steps))
     rng = random.Random(seed)
-    identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "steps": steps}
+    identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "scale": pretraining_scale(),
+                "steps": steps, "vocabulary": len(tokenizer)}
     done = 0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
@@ -134,6 +138,7 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         rng.setstate(state["sampler"])
+        torch.set_rng_state(state["torch_rng"])
         done = state["step"]
     for step in tqdm(range(done + 1, steps + 1), desc=progress, unit="step", disable=progress is None,
                      initial=done, total=steps):
@@ -146,14 +151,14 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
-            with atomic_path(checkpoint) as temporary:
-                torch.save({"identity": identity, "step": step, "model": model.state_dict(),
-                            "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                            "sampler": rng.getstate()}, temporary)
         if on_every is not None and (step == steps or (every and step % every == 0)):
             model.eval()
             on_every(step, float(loss.detach()), model)
+        if checkpoint is not None and (step % checkpoint_every == 0 or step == steps):
+            with atomic_path(checkpoint) as temporary:
+                torch.save({"identity": identity, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "schedule": schedule.state_dict(), "sampler": rng.getstate(),
+                            "torch_rng": torch.get_rng_state()}, temporary)
     model.eval()
     return model
 
@@ -169,7 +174,7 @@ def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_i
     return math.exp(total_loss / total_tokens)
 
 
-def caption_qa_answers(model, tokenizer, count: int = 60) -> list[tuple[Any, bool]]:
+def caption_qa_answers(model, tokenizer, count: int = 60) -> list[tuple[Question, bool]]:
     """(question, answered exactly) for the questions about ``count`` val scenes when the LM is
     given the scene's caption (with every object's place) as text in place of the image: can it
     look the answer up in its prompt? A VLM built on this LM can only do as well once image tokens
@@ -198,7 +203,7 @@ def caption_qa_answers(model, tokenizer, count: int = 60) -> list[tuple[Any, boo
     return [(question, normalise(answer) == normalise(question.answer)) for question, answer in zip(questions, answers)]
 
 
-def percent_by(answered: list[tuple[Any, bool]], key: Callable[[Any], Any]) -> dict[Any, float]:
+def percent_by(answered: list[tuple[Question, bool]], key: Callable[[Question], Any]) -> dict[Any, float]:
     """Exact-match % of ``answered`` per ``key(question)``."""
     hits: dict[Any, list[bool]] = {}
     for question, correct in answered:

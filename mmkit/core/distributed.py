@@ -2,6 +2,7 @@
 the launcher's rank for work done once per job before any process group exists."""
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import time
@@ -78,6 +79,10 @@ def join_launched_group(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)  # nccl's collectives run on the current device
     if not is_distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # A group still alive at interpreter exit can abort the process as its threads are torn
+        # down ("terminate called without an active exception"), after all the work is done;
+        # a harness such as lmms-eval that never leaves the group it was given would exit non-zero.
+        atexit.register(leave_group)
     return device
 
 

@@ -1,5 +1,5 @@
 """The cache's build_once: built once into a temporary folder, renamed when done, and nothing
-left behind by a build that failed or was killed."""
+left behind by a build that failed or was killed; the same for a single file written atomically."""
 from __future__ import annotations
 
 import socket
@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from mmkit.core.atomic_io import write_text_atomically
 from mmkit.core.cache import build_once
 
 
@@ -53,6 +54,27 @@ def test_a_killed_build_on_this_host_is_cleared_by_the_next_one(tmp_path):
         assert not leftovers["killed here"].exists()
         assert leftovers["running here"].exists() and leftovers["on another host"].exists()
         assert (tmp_path / "model" / "built").exists()
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_file_write_killed_mid_save_leaves_a_partial_that_the_next_write_removes(tmp_path):
+    target = tmp_path / "run.pt"
+    killed_writer = ("import os, signal, sys\nfrom pathlib import Path\nfrom mmkit.core.atomic_io import atomic_path\n"
+                     "with atomic_path(Path(sys.argv[1])) as temporary:\n"
+                     "    temporary.write_text('half a checkpoint')\n"
+                     "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    killed = subprocess.run([sys.executable, "-c", killed_writer, str(target)])
+    assert killed.returncode == -9
+    [leftover] = tmp_path.glob(".run.pt.partial-*")
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        in_progress = tmp_path / f".run.pt.partial-{socket.gethostname()}-{running.pid}-1"
+        in_progress.write_text("another writer's, still being written")
+        write_text_atomically(target, "whole")
+        assert not leftover.exists() and in_progress.exists()
+        assert target.read_text() == "whole"
     finally:
         running.kill()
         running.wait()

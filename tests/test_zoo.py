@@ -73,9 +73,9 @@ def test_the_zoo_cli_refuses_an_unknown_name_before_building_anything(capsys, mo
 
     monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
 
-    assert main(["build", "tiny-clip-random", "tiny-gpt"]) == 2
+    assert main(["build", "tiny-clip-random", "tiny-gpt", "tiny-bert"]) == 2
     error = capsys.readouterr().err
-    assert "error: zoo://tiny-gpt: unknown zoo model; available: tiny-clip" in error
+    assert "error: unknown zoo models tiny-gpt, tiny-bert; available: tiny-clip" in error
     assert not model_folder("tiny-clip-random").exists()
 
 
@@ -262,12 +262,14 @@ def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(
     # Marked, so that the build can be seen to finish from the checkpoint, not from a new start.
     state = torch.load(checkpoint, weights_only=False)
     state["model"]["model.norm.weight"] += 1.0
+    state["seconds"] = 12345.0  # as if the killed build had pretrained for hours
     torch.save(state, checkpoint)
     monkeypatch.setattr(llama, "write_quality", real_write_quality)
     capsys.readouterr()
     assert ensure_model("tiny-llama") == model_folder("tiny-llama")
-    assert "(resuming the killed build's progress)" in capsys.readouterr().err
+    assert f"zoo: tiny-llama pretraining: resuming from step {state['step']} of {state['step']}" in capsys.readouterr().err
     assert not checkpoint.exists() and "val_caption_qa_exact_match" in quality("tiny-llama")
+    assert quality("tiny-llama")["train_seconds"] >= 12345.0
     built = LlamaForCausalLM.from_pretrained(model_folder("tiny-llama")).state_dict()
     for name, weights in state["model"].items():
         torch.testing.assert_close(built[name], weights, msg=name)

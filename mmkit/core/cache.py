@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from mmkit.core.atomic_io import process_alive
+
 
 def mmkit_home() -> Path:
     """Where mmkit caches what it builds (zoo models, prepared data): ``$MMKIT_HOME``."""
@@ -60,15 +62,5 @@ def _remove_dead_builds(folder: Path) -> None:
     prefix = f"{folder.name}.tmp-{socket.gethostname()}-"
     for temporary in folder.parent.glob(f"{glob.escape(prefix)}*"):
         pid = temporary.name[len(prefix):]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(temporary, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True

@@ -108,8 +108,7 @@ def ensure_built(name: str) -> Path:
 
     minutes = model.minutes * pretraining_scale()
     took = f"roughly {minutes:.0f} min" if minutes >= 1 else "under a minute"
-    resumed = " (resuming the killed build's progress)" if checkpoint.is_file() and not folder.is_dir() else ""
-    built = build_once(folder, build, announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores){resumed}")
+    built = build_once(folder, build, announce=f"zoo: building {name}, {model.about} ({took} on 2 CPU cores)")
     checkpoint.unlink(missing_ok=True)
     return built
 

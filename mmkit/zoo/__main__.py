@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from mmkit.core.errors import MmkitError
-from mmkit.zoo import BUILDERS, ensure_built, ensure_model, known, names, present, quality, shipped
+from mmkit.core.errors import ConfigError, MmkitError
+from mmkit.zoo import BUILDERS, ensure_built, ensure_model, names, present, quality, shipped
 from mmkit.zoo.shipping import quality_differences, ship, shipped_folder
 
 
@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     ship_parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     try:
-        for name in getattr(args, "names", None) or []:
-            known(name)
+        unknown = [name for name in getattr(args, "names", None) or [] if name not in BUILDERS]
+        if unknown:
+            raise ConfigError(f"unknown zoo model{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                              f"available: {', '.join(names())}")
         if args.command == "build":
             chosen = args.names or names()
             if args.check:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,18 +79,18 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     """The encoded (ids, labels) pools sampled from as training goes: one pool without a
     curriculum, else pool k (k = 0..3) holds the QA scenes of at most k + 1 objects (and all the
     chat text), each pool in turn for an equal share of ``recipe.curriculum`` steps."""
+    if recipe.data not in ("conversations", "qa", "mix"):
+        raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose conversations, qa or mix")
+    if recipe.loss not in ("replies", "all"):
+        raise ConfigError(f"LlamaRecipe.loss={recipe.loss!r}: choose replies or all")
     scenes = scaled(recipe.scenes)
     sized: list[tuple[int, tuple[torch.Tensor, torch.Tensor]]] = []
     if recipe.data in ("conversations", "mix"):
         chat = conversations_as_text(split, scenes, seed=11)
         sized += [(0, pair) for pair in _encode_all(tokenizer, chat, replies_only=False)]
-    if recipe.loss not in ("replies", "all"):
-        raise ConfigError(f"LlamaRecipe.loss={recipe.loss!r}: choose replies or all")
     if recipe.data in ("qa", "mix"):
         qa = caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
         sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=recipe.loss == "replies"))
-    if not sized:
-        raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose conversations, qa or mix")
     if recipe.curriculum == 0:
         return [[pair for _, pair in sized]]
     return [[pair for objects, pair in sized if objects <= most] for most in range(1, 5)]
@@ -117,7 +118,8 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
     ``checkpoint``: a file the model, optimizer, schedule and random states are saved to every
     ``checkpoint_every`` steps (after that step's ``on_every``), and resumed from when it exists,
     so a pretraining run of hours that is killed loses minutes; the resumed run draws the same
-    batches as an unbroken one and ends with the same weights."""
+    batches as an unbroken one and ends with the same weights. It also keeps the seconds trained
+    so far (``checkpointed_seconds``), so a resumed build reports the whole run's time."""
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every}: save at least every step (1 or more)")
     pools = training_pools(recipe, tokenizer)
@@ -128,7 +130,7 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
     rng = random.Random(seed)
     identity = {"recipe": dataclasses.asdict(recipe), "seed": seed, "scale": pretraining_scale(),
                 "steps": steps, "vocabulary": len(tokenizer)}
-    done = 0
+    done, seconds_before = 0, 0.0
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, weights_only=False)
         if state["identity"] != identity:
@@ -139,7 +141,9 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
         schedule.load_state_dict(state["schedule"])
         rng.setstate(state["sampler"])
         torch.set_rng_state(state["torch_rng"])
-        done = state["step"]
+        done, seconds_before = state["step"], state.get("seconds", 0.0)
+        print(f"{progress or 'pretraining'}: resuming from step {done} of {steps} ({checkpoint})", file=sys.stderr, flush=True)
+    started = time.perf_counter()
     for step in tqdm(range(done + 1, steps + 1), desc=progress, unit="step", disable=progress is None,
                      initial=done, total=steps):
         model.train()
@@ -158,9 +162,17 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
             with atomic_path(checkpoint) as temporary:
                 torch.save({"identity": identity, "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                             "schedule": schedule.state_dict(), "sampler": rng.getstate(),
-                            "torch_rng": torch.get_rng_state()}, temporary)
+                            "torch_rng": torch.get_rng_state(),
+                            "seconds": seconds_before + time.perf_counter() - started}, temporary)
     model.eval()
     return model
+
+
+def checkpointed_seconds(checkpoint: Path | None) -> float:
+    """The seconds of pretraining that ``checkpoint`` holds (0 when there is none)."""
+    if checkpoint is None or not checkpoint.is_file():
+        return 0.0
+    return float(torch.load(checkpoint, weights_only=False).get("seconds", 0.0))
 
 
 def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> float:
@@ -222,7 +234,8 @@ def build_tiny_llama(out: Path, tokenizer_folder: Path, size: str = "tiny-llama"
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     recipe = RECIPES[size]
     val = _encode_all(tokenizer, conversations_as_text("val", scaled(200), seed=11), replies_only=False)
-    started = time.perf_counter()
+    # A build resumed after a kill reports the killed part's time too.
+    started = time.perf_counter() - checkpointed_seconds(checkpoint)
     model = pretrain(recipe, tokenizer, progress=f"zoo: {size} pretraining", checkpoint=checkpoint)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -85,3 +85,18 @@ def test_lm_lookup_records_each_evaluation_by_type_and_by_objects(tmp_path):
     assert set(records[-1]["caption_qa"]) == set(QUESTION_KINDS)
     assert set(records[-1]["by_objects"]) <= {"1", "2", "3", "4"} and len(records[-1]["by_objects"]) >= 2
     assert (tmp_path / "lm" / "model.safetensors").is_file() and (tmp_path / "lm" / "tokenizer.json").is_file()
+
+
+def test_the_lookup_toy_records_the_world_and_the_recall_accuracy(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    curve = tmp_path / "toy.jsonl"
+    for task in (["--format", "placed"], ["--format", "keyfirst", "--direct", "--recall", "1"]):
+        subprocess.run([sys.executable, str(EXPERIMENTS / "lookup_toy.py"), "--width", "32", "--layers", "1", "--heads", "2",
+                        "--batch", "4", "--steps", "2", "--every", "1", "--out", str(curve), *task], check=True, capture_output=True)
+    records = [json.loads(line) for line in curve.read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 1, 2]
+    assert all(set(r["world"]) == {"colour", "position", "size"} and 0 <= r["recall"] <= 100 for r in records)
+    assert records[2]["options"]["recall"] == 1 and records[0]["options"]["format"] == "placed"

@@ -5,23 +5,26 @@ names, and how many steps does it take? Screens levers for issue 23 in minutes, 
     python experiments/lookup_toy.py --format keyfirst --direct --steps 6000      # the easiest form: an induction head
     python experiments/lookup_toy.py --recall 8000 --steps 8000 --lr 3e-3         # associative recall, outside the world
 
-Word-level tokens (about 40 words, plus 512 recall tokens) and short sequences, so a step costs a
-fraction of ``lm_lookup.py``'s; the model is the zoo's (``LlamaForCausalLM``, tied embeddings).
+Word-level tokens (31 words, plus 512 recall tokens) and sequences of 20-85 tokens, so a step
+costs a fraction of ``lm_lookup.py``'s; the model is the zoo's (``LlamaForCausalLM``, tied embeddings).
 Tasks:
 
 - the world: 1-4 objects (size, colour, shape; each in its own quadrant) in a caption, then
   ``--per`` questions (the colour of the shape, the place or size of the colour and shape), the
   answers learned. ``--format placed``: ``a small red circle in the top left`` and ``in the top
   left there is a small red circle``, as the world's placed captions (the attribute is read from
-  before or after the named object); ``keyfirst``: ``circle red small top left`` (the answer right
-  after the named word, the form an induction head reads). ``--direct``: the answer follows the
-  question's last word, with no ``? a :`` between them.
+  before or after the named object); ``keyfirst``: ``circle red small top left`` (a shape's colour
+  right after it). ``--direct``: the answer follows the question's last word, with no ``? a :``
+  between them; with ``keyfirst``, a colour question then ends on the shape whose colour comes
+  next in the caption, the form one induction head answers (position and size questions name
+  the object by two words and read an answer further on).
 - ``--recall N``: the first N steps are multi-query associative recall: 8 key-value pairs of 256
   keys and 256 values, then every key again, each followed by its value (learned). Chance, for a
   model that only knows which values are in the context and not yet asked, is about 34%.
 
-Each evaluation (``--every``) prints one JSON line: exact match per question type on scenes of two
-or more objects (where only binding answers; one object needs none) and the recall accuracy.
+Each evaluation (``--every``) prints one JSON line: exact match per question type on 400
+answers about scenes of two or more objects (where only binding answers; one object needs none;
+about 60 colour, 170 position and 170 size answers) and the recall accuracy on 200 sequences.
 """
 from __future__ import annotations
 
@@ -120,12 +123,12 @@ def batch(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 
 @torch.no_grad()
-def world_accuracy(model, args: argparse.Namespace, scenes: int = 400) -> dict[str, float]:
+def world_accuracy(model, args: argparse.Namespace, answers: int = 400) -> dict[str, float]:
     """Exact match per type on scenes of 2+ objects. Greedy decoding answers exactly when every
     answer token (and the end) is the argmax given the right prefix, so one forward pass tells."""
     rng = random.Random(123)
     rows = []
-    while len(rows) < scenes:
+    while len(rows) < answers:
         scene = random_scene(rng)
         if len(scene) < 2:
             continue

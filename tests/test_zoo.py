@@ -1,6 +1,7 @@
 """The zoo: real pretraining code (at the test scale), cached HF folders, measured quality."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -73,7 +74,7 @@ def test_the_zoo_cli_refuses_an_unknown_name_before_building_anything(capsys, mo
 
     monkeypatch.setenv("MMKIT_HOME", str(tmp_path))
 
-    assert main(["build", "tiny-clip-random", "tiny-gpt", "tiny-bert"]) == 2
+    assert main(["build", "tiny-clip-random", "tiny-gpt", "tiny-bert", "tiny-gpt"]) == 2
     error = capsys.readouterr().err
     assert "error: unknown zoo models tiny-gpt, tiny-bert; available: tiny-clip" in error
     assert not model_folder("tiny-clip-random").exists()
@@ -241,6 +242,8 @@ def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroke
         pretrain(recipe, tokenizer, seed=4, checkpoint=checkpoint)
     with pytest.raises(ConfigError, match="checkpoint_every=0: save at least every step"):
         pretrain(recipe, tokenizer, checkpoint=checkpoint, checkpoint_every=0)
+    with pytest.raises(ConfigError, match="LlamaRecipe.data='chats': choose conversations, qa or mix"):
+        pretrain(dataclasses.replace(recipe, data="chats"), tokenizer)
 
 
 def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(tmp_path, monkeypatch, capsys):
@@ -254,8 +257,10 @@ def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(llama, "write_quality", crash)
+    capsys.readouterr()
     with pytest.raises(KeyboardInterrupt):
         ensure_model("tiny-llama")
+    assert "resuming" not in capsys.readouterr().err  # a first build starts from nothing
     checkpoint = model_folder("tiny-llama").with_name(model_folder("tiny-llama").name + ".resume.pt")
     assert checkpoint.is_file() and not model_folder("tiny-llama").exists()
 

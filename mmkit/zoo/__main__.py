@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ship_parser.add_argument("names", nargs="+")
     args = parser.parse_args(argv)
     try:
-        unknown = [name for name in getattr(args, "names", None) or [] if name not in BUILDERS]
+        unknown = [name for name in dict.fromkeys(getattr(args, "names", None) or []) if name not in BUILDERS]
         if unknown:
             raise ConfigError(f"unknown zoo model{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                               f"available: {', '.join(names())}")

@@ -119,7 +119,8 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
     ``checkpoint_every`` steps (after that step's ``on_every``), and resumed from when it exists,
     so a pretraining run of hours that is killed loses minutes; the resumed run draws the same
     batches as an unbroken one and ends with the same weights. It also keeps the seconds trained
-    so far (``checkpointed_seconds``), so a resumed build reports the whole run's time."""
+    up to its step (``checkpointed_seconds``), so a resumed build reports about the whole run's
+    time (less the killed run's steps after its last save)."""
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every}: save at least every step (1 or more)")
     pools = training_pools(recipe, tokenizer)

@@ -6,8 +6,8 @@ names, and how many steps does it take? Screens levers for issue 23 in minutes, 
     python experiments/lookup_toy.py --recall 8000 --steps 8000 --lr 3e-3         # associative recall, outside the world
 
 Word-level tokens (31 words, plus 512 recall tokens) and sequences of 20-85 tokens, so a step
-costs a fraction of ``lm_lookup.py``'s; the model is the zoo's (``LlamaForCausalLM``, tied embeddings).
-Tasks:
+costs a fraction of ``lm_lookup.py``'s; the model and its optimizer step are the zoo's
+(``LlamaForCausalLM``, tied embeddings). Tasks:
 
 - the world: 1-4 objects (size, colour, shape; each in its own quadrant) in a caption, then
   ``--per`` questions (the colour of the shape, the place or size of the colour and shape), the
@@ -34,6 +34,8 @@ import random
 import time
 
 import torch
+
+from mmkit.zoo.llama import optimizer_step, padded_batch
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 SHAPES = ("circle", "square", "triangle")
@@ -111,15 +113,7 @@ def recall_example(rng: random.Random) -> Example:
 
 
 def batch(examples: list[Example]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    length = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), length), PAD)
-    labels = torch.full((len(examples), length), -100)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, (sequence, sequence_labels) in enumerate(examples):
-        ids[row, : len(sequence)] = torch.tensor(sequence)
-        labels[row, : len(sequence)] = torch.tensor(sequence_labels)
-        mask[row, : len(sequence)] = 1
-    return ids, labels, mask
+    return padded_batch([(torch.tensor(ids), torch.tensor(labels)) for ids, labels in examples], PAD)
 
 
 @torch.no_grad()
@@ -190,12 +184,7 @@ def main() -> None:
     started = time.perf_counter()
     for step in range(1, args.steps + 1):
         examples = [recall_example(rng) if step <= args.recall else world_example(rng, args) for _ in range(args.batch)]
-        ids, labels, mask = batch(examples)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        loss = optimizer_step(model, optimizer, *batch(examples))
         warmup.step()
         if step % args.every == 0 or step == args.steps:
             model.eval()

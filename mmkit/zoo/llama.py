@@ -62,7 +62,7 @@ def _encode_all(tokenizer, conversations: list[list[dict]], replies_only: bool) 
     return [(torch.tensor(e.input_ids), torch.tensor(e.labels if replies_only else e.input_ids)) for e in encoded]
 
 
-def _batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def padded_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded ids, labels (-100 where not learned) and attention mask."""
     length = max(len(ids) for ids, _ in pairs)
     ids = torch.full((len(pairs), length), pad_id)
@@ -94,6 +94,17 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     if recipe.curriculum == 0:
         return [[pair for _, pair in sized]]
     return [[pair for objects, pair in sized if objects <= most] for most in range(1, 5)]
+
+
+def optimizer_step(model, optimizer: torch.optim.Optimizer, ids: torch.Tensor, labels: torch.Tensor,
+                   mask: torch.Tensor) -> torch.Tensor:
+    """One step on the causal-LM loss of a batch, gradients clipped to norm 1; the loss."""
+    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss
 
 
 def fresh_llama(recipe: LlamaRecipe, tokenizer, seed: int = 0):
@@ -149,12 +160,8 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
                      initial=done, total=steps):
         model.train()
         pool = pools[min(len(pools) - 1, (step - 1) * len(pools) // max(curriculum, 1))]
-        ids, labels, mask = _batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        ids, labels, mask = padded_batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id)
+        loss = optimizer_step(model, optimizer, ids, labels, mask)
         schedule.step()
         if on_every is not None and (step == steps or (every and step % every == 0)):
             model.eval()
@@ -180,7 +187,7 @@ def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_i
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(sequences), 64):
-            ids, labels, mask = _batch(sequences[start : start + 64], pad_id)
+            ids, labels, mask = padded_batch(sequences[start : start + 64], pad_id)
             tokens = int((labels[:, 1:] != -100).sum())
             total_loss += float(model(input_ids=ids, attention_mask=mask, labels=labels).loss) * tokens
             total_tokens += tokens

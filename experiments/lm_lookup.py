@@ -3,6 +3,7 @@
     python experiments/lm_lookup.py --steps 3000 --width 128 --layers 4 --data conversations
     python experiments/lm_lookup.py --data qa --per-caption 6 --curriculum 3000 --threads 1 --out curve.jsonl \
         --checkpoint run.pt --save lm/    # a run of hours: killed, the same command goes on from run.pt
+    python experiments/lm_lookup.py --data qa --steps 60000 --device cuda --checkpoint run.pt   # on a GPU; resumes on any device
 
 Pretrains an LM with ``mmkit.zoo.llama``'s own ``pretrain``, each field of its ``LlamaRecipe`` an
 option (the defaults are the shipped tiny-llama's), and every ``--eval-every`` steps measures ``val_caption_qa_exact_match`` (answers to val questions
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-scenes", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--device", default="cpu", help="where to train: cpu, or cuda on a GPU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="append one JSON line per evaluation here")
     parser.add_argument("--checkpoint", type=Path, default=None,
@@ -63,7 +65,8 @@ def main() -> None:
             with open(args.out, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
 
-    model = pretrain(recipe, tokenizer, seed=args.seed, every=args.eval_every, on_every=measure, checkpoint=args.checkpoint)
+    model = pretrain(recipe, tokenizer, seed=args.seed, every=args.eval_every, on_every=measure, checkpoint=args.checkpoint,
+                    device=args.device)
     if args.save:
         model.save_pretrained(args.save)
         tokenizer.save_pretrained(args.save)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import shutil
 
@@ -278,3 +279,35 @@ def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(
     built = LlamaForCausalLM.from_pretrained(model_folder("tiny-llama")).state_dict()
     for name, weights in state["model"].items():
         torch.testing.assert_close(built[name], weights, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a GPU pretraining run needs CUDA (lent GPU machines only)")
+def test_pretraining_on_a_gpu_starts_where_the_cpu_run_starts_and_resumes_on_the_cpu(tmp_path, monkeypatch):
+    from mmkit.zoo.llama import LlamaRecipe, pretrain
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    monkeypatch.setenv("MMKIT_ZOO_SCALE", "1")
+    recipe = LlamaRecipe(width=32, layers=1, heads=2, steps=6, batch=4, warmup=2, data="qa", scenes=40, per_caption=2)
+    cpu_losses, gpu_losses = [], []
+    on_cpu = pretrain(recipe, tokenizer, seed=3, every=1, on_every=lambda step, loss, model: cpu_losses.append(loss))
+    assert next(on_cpu.parameters()).device.type == "cpu"
+
+    class Killed(Exception):
+        pass
+
+    def record_then_kill_at_step_4(step, loss, model):
+        assert next(model.parameters()).is_cuda
+        gpu_losses.append(loss)
+        if step == 4:
+            raise Killed
+
+    checkpoint = tmp_path / "run.pt"
+    with pytest.raises(Killed):
+        pretrain(recipe, tokenizer, seed=3, every=1, on_every=record_then_kill_at_step_4, checkpoint=checkpoint,
+                 checkpoint_every=3, device="cuda")
+    # The same initial weights and batches: the first step's loss agrees to float precision.
+    assert gpu_losses[0] == pytest.approx(cpu_losses[0], rel=1e-4) and all(math.isfinite(loss) for loss in gpu_losses)
+    resumed_steps = []
+    resumed = pretrain(recipe, tokenizer, seed=3, every=1, checkpoint=checkpoint,
+                       on_every=lambda step, *_: resumed_steps.append(step))  # the GPU's checkpoint, on the CPU
+    assert resumed_steps == [4, 5, 6] and next(resumed.parameters()).device.type == "cpu"

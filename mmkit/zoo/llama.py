@@ -122,7 +122,7 @@ def fresh_llama(recipe: LlamaRecipe, tokenizer, seed: int = 0):
 
 def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None = None,
              every: int = 0, on_every: Callable[[int, float, Any], None] | None = None,
-             checkpoint: Path | None = None, checkpoint_every: int = 250):
+             checkpoint: Path | None = None, checkpoint_every: int = 250, device: str = "cpu"):
     """A Llama pretrained by ``recipe`` (at the zoo's scale); ``on_every(step, loss, model)`` is
     called every ``every`` steps and at the end, e.g. to measure the lookup as it forms.
 
@@ -131,12 +131,15 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
     so a pretraining run of hours that is killed loses minutes; the resumed run draws the same
     batches as an unbroken one and ends with the same weights. It also keeps the seconds trained
     up to its step (``checkpointed_seconds``), so a resumed build reports about the whole run's
-    time (less the killed run's steps after its last save)."""
+    time (less the killed run's steps after its last save).
+
+    ``device``: where to train (``cuda`` on a GPU). The model is initialised on the CPU either way,
+    so a seed starts from the same weights on any device, and a checkpoint resumes on any."""
     if checkpoint_every < 1:
         raise ConfigError(f"checkpoint_every={checkpoint_every}: save at least every step (1 or more)")
     pools = training_pools(recipe, tokenizer)
     steps, curriculum = scaled(recipe.steps), scaled(recipe.curriculum) if recipe.curriculum else 0
-    model = fresh_llama(recipe, tokenizer, seed)
+    model = fresh_llama(recipe, tokenizer, seed).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, min(recipe.warmup, steps), steps))
     rng = random.Random(seed)
@@ -144,7 +147,7 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
                 "steps": steps, "vocabulary": len(tokenizer)}
     done, seconds_before = 0, 0.0
     if checkpoint is not None and checkpoint.is_file():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location="cpu")
         if state["identity"] != identity:
             raise ConfigError(f"checkpoint {checkpoint} is of another pretraining run ({state['identity']}, not "
                               f"{identity}); remove it to start afresh")
@@ -160,7 +163,8 @@ def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None
                      initial=done, total=steps):
         model.train()
         pool = pools[min(len(pools) - 1, (step - 1) * len(pools) // max(curriculum, 1))]
-        ids, labels, mask = padded_batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id)
+        ids, labels, mask = (tensor.to(device) for tensor in
+                             padded_batch(rng.sample(pool, min(recipe.batch, len(pool))), tokenizer.pad_token_id))
         loss = optimizer_step(model, optimizer, ids, labels, mask)
         schedule.step()
         if on_every is not None and (step == steps or (every and step % every == 0)):

@@ -184,7 +184,7 @@ def checkpointed_seconds(checkpoint: Path | None) -> float:
     """The seconds of pretraining that ``checkpoint`` holds (0 when there is none)."""
     if checkpoint is None or not checkpoint.is_file():
         return 0.0
-    return float(torch.load(checkpoint, weights_only=False).get("seconds", 0.0))
+    return float(torch.load(checkpoint, weights_only=False, map_location="cpu").get("seconds", 0.0))  # a GPU run's too
 
 
 def _perplexity(model, sequences: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) -> float:

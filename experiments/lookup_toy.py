@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from mmkit.zoo.llama import optimizer_step, padded_batch
+from mmkit.zoo.llama import INIT_SCHEMES, initialise, optimizer_step, padded_batch
 
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 SHAPES = ("circle", "square", "triangle")
@@ -157,6 +157,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--init", type=float, default=0.02, help="std of the weights' initialisation (LlamaConfig.initializer_range)")
+    parser.add_argument("--init-scheme", choices=INIT_SCHEMES, default="llama",
+                        help="llama: N(0, --init) weights, tied head; torch: PyTorch's defaults, untied head (LlamaRecipe.init)")
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=6000)
@@ -177,8 +179,10 @@ def main() -> None:
     model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(WORDS), hidden_size=args.width, intermediate_size=int(2.75 * args.width),
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=256, tie_word_embeddings=True, initializer_range=args.init, bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+        max_position_embeddings=256, tie_word_embeddings=args.init_scheme == "llama", initializer_range=args.init,
+        bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
     ))
+    initialise(model, args.init_scheme)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 200))
     started = time.perf_counter()

@@ -247,6 +247,24 @@ def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroke
         pretrain(dataclasses.replace(recipe, data="chats"), tokenizer)
 
 
+def test_the_torch_init_scheme_gives_unit_embeddings_and_an_untied_head_the_llama_one_ties_it():
+    from mmkit.zoo.llama import LlamaRecipe, fresh_llama
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
+    llama_init = fresh_llama(LlamaRecipe(width=64, layers=1, heads=2), tokenizer)
+    torch_init = fresh_llama(LlamaRecipe(width=64, layers=1, heads=2, init="torch"), tokenizer)
+    assert llama_init.lm_head.weight is llama_init.model.embed_tokens.weight
+    assert torch_init.lm_head.weight is not torch_init.model.embed_tokens.weight
+    assert float(llama_init.model.embed_tokens.weight.std()) == pytest.approx(0.02, rel=0.1)
+    assert float(torch_init.model.embed_tokens.weight.std()) == pytest.approx(1.0, rel=0.1)
+    # Kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 * 64).
+    query = torch_init.model.layers[0].self_attn.q_proj.weight
+    assert float(query.abs().max()) <= 1 / 8 and float(query.std()) == pytest.approx(1 / math.sqrt(192), rel=0.1)
+    assert torch.equal(torch_init.model.embed_tokens.weight[tokenizer.pad_token_id], torch.zeros(64))
+    with pytest.raises(ConfigError, match="LlamaRecipe.init='xavier': choose one of llama, torch"):
+        fresh_llama(LlamaRecipe(width=64, layers=1, heads=2, init="xavier"), tokenizer)
+
+
 def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(tmp_path, monkeypatch, capsys):
     from mmkit.zoo import llama
 

@@ -34,7 +34,10 @@ class LlamaRecipe:
     replies learned) or ``mix`` (both). ``curriculum``: steps over which the QA scenes grow from
     one object to four, so the lookup is learned where it is easy first. ``loss``: ``replies``
     (the QA answers only) or ``all`` (every QA token too: predicting a question's words from the
-    caption it names is itself a lookup, many more tokens of it per sequence)."""
+    caption it names is itself a lookup, many more tokens of it per sequence). ``init``: ``llama``
+    (transformers' N(0, 0.02) for every weight, the output head tied to the embeddings) or
+    ``torch`` (PyTorch's own module defaults: N(0, 1) embeddings, Kaiming-uniform linear layers,
+    an untied output head), see ``initialise``."""
 
     width: int = 128
     layers: int = 4
@@ -49,6 +52,29 @@ class LlamaRecipe:
     per_caption: int = 1
     curriculum: int = 0
     loss: str = "replies"
+    init: str = "llama"
+
+
+INIT_SCHEMES = ("llama", "torch")
+
+
+def initialise(model, scheme: str) -> None:
+    """Re-initialise a freshly built ``LlamaForCausalLM`` by ``scheme`` (``LlamaRecipe.init``).
+
+    Why ``torch``: with transformers' N(0, 0.02) the 2 x 128 Llama sat at chance on associative
+    recall for 9500 steps, while the same model with PyTorch's defaults (the token's embedding
+    then dominates the residual stream, so a key's identity survives the first layer) solved it
+    within 1000 (experiments/lm_lookup.md, session 15). It needs an untied output head: tied to
+    N(0, 1) embeddings the first logits are huge."""
+    if scheme not in INIT_SCHEMES:
+        raise ConfigError(f"LlamaRecipe.init={scheme!r}: choose one of {', '.join(INIT_SCHEMES)}")
+    if scheme == "llama":
+        return
+    if model.config.tie_word_embeddings:
+        raise ConfigError("LlamaRecipe.init='torch' needs an untied output head (tie_word_embeddings=False)")
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            module.reset_parameters()
 
 
 # The default, and a larger one (about twice the parameters, as 13B is to 7B) for the model-size
@@ -112,12 +138,14 @@ def fresh_llama(recipe: LlamaRecipe, tokenizer, seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
+    model = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=recipe.width, intermediate_size=int(2.75 * recipe.width),
         num_hidden_layers=recipe.layers, num_attention_heads=recipe.heads, num_key_value_heads=recipe.heads,
-        max_position_embeddings=1024, tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=1024, tie_word_embeddings=recipe.init == "llama", bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     ))
+    initialise(model, recipe.init)
+    return model
 
 
 def pretrain(recipe: LlamaRecipe, tokenizer, seed: int = 0, progress: str | None = None,

@@ -95,7 +95,8 @@ def world_example(rng: random.Random, args: argparse.Namespace) -> Example:
     ids = tokens(caption(scene, args.format, rng))
     labels = [-100] * len(ids)
     for _, question, answer in questions(scene, rng)[: args.per]:
-        asked, answered = tokens(prompt(question, args.direct)), tokens(answer) + [EOS]
+        direct = args.direct or (args.direct_share > 0 and rng.random() < args.direct_share)
+        asked, answered = tokens(prompt(question, direct)), tokens(answer) + [EOS]
         ids += asked + answered
         labels += [-100] * len(asked) + answered
     return ids, labels
@@ -166,6 +167,8 @@ def main() -> None:
     parser.add_argument("--per", type=int, default=3, help="questions per caption")
     parser.add_argument("--format", choices=("placed", "keyfirst"), default="placed")
     parser.add_argument("--direct", action="store_true", help="the answer right after the question's last word")
+    parser.add_argument("--direct-share", type=float, default=0.0,
+                        help="without --direct: the share of training questions asked in the direct form (evaluated without it)")
     parser.add_argument("--recall", type=int, default=0, help="steps of associative recall before the world's questions")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="append one JSON line per evaluation here")

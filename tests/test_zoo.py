@@ -197,6 +197,17 @@ def test_the_shipped_models_match_their_manifests():
         verify(folder)
 
 
+def test_the_shipped_lms_quality_reports_name_the_recipe_they_are_rebuilt_by():
+    """Else ``zoo build --check`` fails on the recipe, whatever the rebuilt model's quality."""
+    from mmkit.zoo import BUILDERS
+    from mmkit.zoo.llama import RECIPES
+    from mmkit.zoo.shipping import SHIPPED_ROOT
+
+    for name, recipe in RECIPES.items():
+        shipped = SHIPPED_ROOT / f"{name}-v{BUILDERS[name].version}" / "quality.json"
+        assert json.loads(shipped.read_text())["recipe"] == dataclasses.asdict(recipe), name
+
+
 def test_each_image_token_is_taught_its_own_quadrants_attributes():
     from mmkit.synth.world import COLOURS, SHAPES, SIZES, Scene, SceneObject
     from mmkit.zoo.clip import quadrant_labels

@@ -43,6 +43,26 @@ def test_lm_text_puts_a_placed_caption_where_the_image_was_in_most_conversations
     assert 0.6 < len(with_context) / len(first_turns) < 0.95  # CONTEXT_SHARE = 0.8, plus questions about places
 
 
+def test_statements_after_a_caption_state_each_named_objects_true_attributes():
+    from mmkit.synth.world import quadrant
+    from mmkit.zoo.text import caption_statements
+
+    scenes = generate_scenes("train", 30, seed=4)
+    for scene, (objects, conversation) in zip(scenes, caption_statements("train", 30, seed=4)):
+        assert objects == len(scene.objects)
+        caption, stated = conversation[0]["value"], conversation[1]["value"]
+        assert " in the " in caption  # placed, so every statement can be looked up in it
+        for sentence in stated.rstrip(".").split(". "):
+            name, attribute = sentence.removeprefix("The ").split(" is ")
+            # A name singles out one object; the sentence says that object's own attribute.
+            (named,) = [o for o in scene.objects if set(name.split()) <= {o.size, o.colour, o.shape}]
+            assert attribute in (named.colour, named.size, f"in the {quadrant(named.box)}"), sentence
+            assert attribute.split()[-1] not in name.split()  # never gives its own answer away
+        for obj in scene.objects:
+            if sum(other.shape == obj.shape for other in scene.objects) == 1:
+                assert f"The {obj.shape} is {obj.colour}." in stated
+
+
 def test_tokenizer_ends_captions_with_an_eos_clip_can_pool_at():
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
     assert tokenizer.eos_token_id != 2  # id 2 switches CLIP's text pooling to "largest id"
@@ -254,7 +274,7 @@ def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroke
         pretrain(recipe, tokenizer, seed=4, checkpoint=checkpoint)
     with pytest.raises(ConfigError, match="checkpoint_every=0: save at least every step"):
         pretrain(recipe, tokenizer, checkpoint=checkpoint, checkpoint_every=0)
-    with pytest.raises(ConfigError, match="LlamaRecipe.data='chats': choose conversations, qa or mix"):
+    with pytest.raises(ConfigError, match="LlamaRecipe.data='chats': choose conversations, qa, qa\\+statements or mix"):
         pretrain(dataclasses.replace(recipe, data="chats"), tokenizer)
 
 

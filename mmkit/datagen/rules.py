@@ -150,6 +150,19 @@ def _ask_size(objects: Sequence[SceneObject], rng: random.Random) -> QuestionAns
     return QuestionAnswer("size", question, f"The {larger_phrase}.")
 
 
+def statements(objects: Sequence[SceneObject], rng: random.Random) -> list[str]:
+    """Each object's colour, place and size as sentences that name it the way the questions do
+    and end on the attribute ("The small triangle is yellow."), shuffled. Read after the caption,
+    every attribute is a lookup whose answer comes right after the object's name: the form in
+    which a small LM learns to match a name against the caption before it learns to carry the
+    name from a question to the answer (experiments/lm_lookup.md, session 15)."""
+    said = [f"The {phrase} is {obj.colour}." for obj, phrase in _named(objects, _WITHOUT_COLOUR)]
+    said += [f"The {phrase} is in the {quadrant(obj.box)}." for obj, phrase in _named(objects, _ANY_ATTRIBUTE)]
+    said += [f"The {phrase} is {obj.size}." for obj, phrase in _named(objects, _WITHOUT_SIZE)]
+    rng.shuffle(said)
+    return said
+
+
 def _ask_relation(objects: Sequence[SceneObject], rng: random.Random) -> QuestionAnswer | None:
     """Is A left of / right of / above / below B, for a pair that is clearly apart on that axis;
     asked half the time about the true relation and half about its opposite."""

@@ -24,15 +24,17 @@ from mmkit.models.parameters import parameter_count
 from mmkit.synth.world import captions, generate_scenes
 from mmkit.training.optimizer import warmup_cosine
 from mmkit.zoo.scale import pretraining_scale, scaled, write_quality
-from mmkit.zoo.text import caption_questions, conversations_as_text
+from mmkit.zoo.text import caption_questions, caption_statements, conversations_as_text
 
 
 @dataclass(frozen=True)
 class LlamaRecipe:
     """How a zoo Llama is pretrained. ``data``: ``conversations`` (the world's chat text, every
     token learned), ``qa`` (a placed caption then ``per_caption`` exact-answer questions, the
-    replies learned) or ``mix`` (both). ``curriculum``: steps over which the QA scenes grow from
-    one object to four, so the lookup is learned where it is easy first. ``loss``: ``replies``
+    replies learned), ``qa+statements`` (that, and as many captions followed by sentences that
+    state each object's attributes, see ``mmkit.datagen.rules.statements``) or ``mix``
+    (conversations and qa). ``curriculum``: steps over which the QA scenes grow from one object to
+    four, so the lookup is learned where it is easy first. ``loss``: ``replies``
     (the QA answers only) or ``all`` (every QA token too: predicting a question's words from the
     caption it names is itself a lookup, many more tokens of it per sequence). ``init``: ``llama``
     (transformers' N(0, 0.02) for every weight, the output head tied to the embeddings) or
@@ -56,6 +58,7 @@ class LlamaRecipe:
 
 
 INIT_SCHEMES = ("llama", "torch")
+LLAMA_DATA = ("conversations", "qa", "qa+statements", "mix")
 
 
 def initialise(model, scheme: str) -> None:
@@ -105,8 +108,8 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     """The encoded (ids, labels) pools sampled from as training goes: one pool without a
     curriculum, else pool k (k = 0..3) holds the QA scenes of at most k + 1 objects (and all the
     chat text), each pool in turn for an equal share of ``recipe.curriculum`` steps."""
-    if recipe.data not in ("conversations", "qa", "mix"):
-        raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose conversations, qa or mix")
+    if recipe.data not in LLAMA_DATA:
+        raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose {', '.join(LLAMA_DATA[:-1])} or {LLAMA_DATA[-1]}")
     if recipe.loss not in ("replies", "all"):
         raise ConfigError(f"LlamaRecipe.loss={recipe.loss!r}: choose replies or all")
     scenes = scaled(recipe.scenes)
@@ -114,9 +117,12 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     if recipe.data in ("conversations", "mix"):
         chat = conversations_as_text(split, scenes, seed=11)
         sized += [(0, pair) for pair in _encode_all(tokenizer, chat, replies_only=False)]
-    if recipe.data in ("qa", "mix"):
+    if recipe.data in ("qa", "qa+statements", "mix"):
         qa = caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
         sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=recipe.loss == "replies"))
+    if recipe.data == "qa+statements":
+        said = caption_statements(split, scenes, seed=13)
+        sized += zip([objects for objects, _ in said], _encode_all(tokenizer, [c for _, c in said], replies_only=recipe.loss == "replies"))
     if recipe.curriculum == 0:
         return [[pair for _, pair in sized]]
     return [[pair for objects, pair in sized if objects <= most] for most in range(1, 5)]

@@ -5,7 +5,7 @@ import random
 from pathlib import Path
 
 from mmkit.data.templates.template import LLAVA_SYSTEM
-from mmkit.datagen.rules import QUESTION_KINDS, ask
+from mmkit.datagen.rules import QUESTION_KINDS, ask, statements
 from mmkit.datagen.teacher import build_teacher
 from mmkit.synth.llava_data import scene_rng, write_text_corpus
 from mmkit.synth.world import captions, generate_scenes, symbolic_view
@@ -93,4 +93,16 @@ def caption_questions(split: str, count: int, seed: int, per_caption: int = 1) -
                 conversation += [{"from": "human", "value": question}, {"from": "gpt", "value": qa.answer}]
             conversations.append((len(scene.objects), conversation))
     rng.shuffle(conversations)
+    return conversations
+
+
+def caption_statements(split: str, count: int, seed: int) -> list[tuple[int, list[dict]]]:
+    """(objects in the scene, conversation) pairs: a placed caption, answered by ``statements``
+    about every object it can name (``LlamaRecipe.data = "qa+statements"``)."""
+    rng = random.Random(seed)
+    conversations = []
+    for scene in generate_scenes(split, count, seed):
+        caption = rng.choice([c for c in captions(scene, rng) if " in the " in c])
+        conversation = [{"from": "human", "value": caption}, {"from": "gpt", "value": " ".join(statements(scene.objects, rng))}]
+        conversations.append((len(scene.objects), conversation))
     return conversations

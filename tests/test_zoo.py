@@ -279,7 +279,7 @@ def test_a_killed_pretraining_resumes_from_its_checkpoint_and_ends_as_an_unbroke
 
 
 def test_the_torch_init_scheme_gives_unit_embeddings_and_an_untied_head_the_llama_one_ties_it():
-    from mmkit.zoo.llama import LlamaRecipe, fresh_llama
+    from mmkit.zoo.llama import LlamaRecipe, fresh_llama, initialise
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_model("tiny-tokenizer"))
     llama_init = fresh_llama(LlamaRecipe(width=64, layers=1, heads=2), tokenizer)
@@ -294,6 +294,8 @@ def test_the_torch_init_scheme_gives_unit_embeddings_and_an_untied_head_the_llam
     assert torch.equal(torch_init.model.embed_tokens.weight[tokenizer.pad_token_id], torch.zeros(64))
     with pytest.raises(ConfigError, match="LlamaRecipe.init='xavier': choose one of llama, torch"):
         fresh_llama(LlamaRecipe(width=64, layers=1, heads=2, init="xavier"), tokenizer)
+    with pytest.raises(ConfigError, match="init='torch' needs an untied output head"):
+        initialise(llama_init, "torch")  # it would re-draw the shared embeddings as a linear layer
 
 
 def test_a_zoo_build_killed_after_pretraining_resumes_without_pretraining_again(tmp_path, monkeypatch, capsys):

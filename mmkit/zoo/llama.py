@@ -106,8 +106,8 @@ def padded_batch(pairs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int) ->
 
 def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
     """The encoded (ids, labels) pools sampled from as training goes: one pool without a
-    curriculum, else pool k (k = 0..3) holds the QA scenes of at most k + 1 objects (and all the
-    chat text), each pool in turn for an equal share of ``recipe.curriculum`` steps."""
+    curriculum, else pool k (k = 0..3) holds the captioned scenes (QA, statements) of at most k + 1
+    objects (and all the chat text), each pool in turn for an equal share of ``recipe.curriculum`` steps."""
     if recipe.data not in LLAMA_DATA:
         raise ConfigError(f"LlamaRecipe.data={recipe.data!r}: choose {', '.join(LLAMA_DATA[:-1])} or {LLAMA_DATA[-1]}")
     if recipe.loss not in ("replies", "all"):
@@ -117,12 +117,13 @@ def training_pools(recipe: LlamaRecipe, tokenizer, split: str = "train") -> list
     if recipe.data in ("conversations", "mix"):
         chat = conversations_as_text(split, scenes, seed=11)
         sized += [(0, pair) for pair in _encode_all(tokenizer, chat, replies_only=False)]
+    captioned = []  # (objects in the scene, conversation about its caption)
     if recipe.data in ("qa", "qa+statements", "mix"):
-        qa = caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
-        sized += zip([objects for objects, _ in qa], _encode_all(tokenizer, [c for _, c in qa], replies_only=recipe.loss == "replies"))
+        captioned += caption_questions(split, scenes, seed=12, per_caption=recipe.per_caption)
     if recipe.data == "qa+statements":
-        said = caption_statements(split, scenes, seed=13)
-        sized += zip([objects for objects, _ in said], _encode_all(tokenizer, [c for _, c in said], replies_only=recipe.loss == "replies"))
+        captioned += caption_statements(split, scenes, seed=13)
+    encoded = _encode_all(tokenizer, [conversation for _, conversation in captioned], replies_only=recipe.loss == "replies")
+    sized += zip([objects for objects, _ in captioned], encoded)
     if recipe.curriculum == 0:
         return [[pair for _, pair in sized]]
     return [[pair for objects, pair in sized if objects <= most] for most in range(1, 5)]
